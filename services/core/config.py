@@ -1,0 +1,363 @@
+"""One typed experiment config: a YAML file plus environment overrides, validated at start-up.
+
+Environment overrides use ``AUTOINTERV__SECTION__FIELD=value`` (double underscores separate
+levels; values are parsed as YAML, so ``[1, 2]`` and ``true`` work).  ``KAFKA_BOOTSTRAP`` and
+``REDIS_URL`` select external servers instead of the embedded ones.  Errors name the field:
+``models.base.backend: Input should be 'sim', 'replay', ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "AUTOINTERV__"
+
+
+class ConfigError(ValueError):
+    """Raised at start-up when the config is invalid; the message names each bad field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- infrastructure
+
+
+class BusConfig(Strict):
+    bootstrap: str | None = None  # None: start the embedded Tansu broker (or use $KAFKA_BOOTSTRAP)
+    topic_prefix: str = "autointerv"
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    max_poll_records: int = Field(default=256, ge=1)
+    poll_timeout_ms: int = Field(default=200, ge=1)
+    exactly_once: bool = False  # real Kafka only: Tansu rejects idempotent/transactional producers
+    client_id: str = "autointerv"
+
+
+class CacheConfig(Strict):
+    url: str | None = None  # None: start an embedded Valkey under the run's data dir (or $REDIS_URL)
+    namespace: str = "ai"
+    vector_dtype: Literal["float16", "float32"] = "float16"
+    ttl_s: int | None = Field(default=30 * 24 * 3600, ge=1)  # refreshed on hit; None = no expiry
+    enabled: bool = True
+
+
+class ObservabilityConfig(Strict):
+    metrics_port: int | None = 9464  # /metrics and /healthz; None disables the HTTP endpoint
+    stall_after_s: float = Field(default=60.0, gt=0)  # alive but no progress while lag > 0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    progress: bool = True  # rich progress in the terminal
+
+
+# --------------------------------------------------------------------------- models
+
+
+class PlantedBehaviour(Strict):
+    """A behaviour the sim intervention model shows, for ground-truth evaluation."""
+
+    name: str
+    description: str  # the truth, in words, for scoring hypotheses
+    rate: float = Field(gt=0, le=1)  # probability on a triggering prompt
+    trigger_topics: list[str] = Field(default_factory=list)  # empty: every prompt triggers
+    keywords: list[str] = Field(default_factory=list)
+    templates: list[str] = Field(default_factory=list)  # sentences with {topic}; defaults built in
+
+
+class SimConfig(Strict):
+    null: bool = False  # intervention == base: nothing to find
+    behaviours: list[PlantedBehaviour] | None = None  # None: the documented default set
+    n_topics: int = Field(default=40, ge=2)
+
+
+class ModelConfig(Strict):
+    backend: Literal["sim", "replay", "transformers", "vllm", "openai"] = "sim"
+    model: str = ""  # HF id, local path, served model name; "" for sim
+    # transformers / vllm
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    chat_template: bool = False
+    trust_remote_code: bool = False
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)  # vllm
+    # openai-compatible
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str | None = "OPENAI_API_KEY"  # name of the env var, never the key itself
+    api_mode: Literal["completions", "chat"] = "completions"
+    max_concurrency: int = Field(default=16, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=4, ge=0)
+    # replay: CSV/JSONL/Parquet with model,text[,prompt]
+    path: str | None = None
+    replay_model_name: str | None = None  # value of the "model" column for this role
+    # sim
+    sim: SimConfig = Field(default_factory=SimConfig)
+
+
+class ModelsConfig(Strict):
+    base: ModelConfig = Field(default_factory=ModelConfig)
+    intervention: ModelConfig = Field(default_factory=ModelConfig)
+
+
+class PromptsConfig(Strict):
+    source: Literal["sim", "file", "bos", "statements", "replay"] = "sim"
+    path: str | None = None  # prefix file (one per line) or statements JSONL
+    template: str = 'Is the following statement something you would say?\n"{statement}"\n'
+    statement_field: str = "statement"
+    limit: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> PromptsConfig:
+        if self.source in ("file", "statements") and not self.path:
+            raise ValueError(f"path is required when source is {self.source!r}")
+        return self
+
+
+class GeneratorConfig(Strict):
+    batch_size: int = Field(default=32, ge=1)
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    no_repeat_ngram_size: int = Field(default=0, ge=0)
+    seed: int = 0
+    roles: list[Literal["base", "intervention"]] = Field(default_factory=lambda: ["base", "intervention"])
+    max_embedder_lag: int = Field(default=5000, ge=1)  # backpressure: pause above, resume below half
+    lag_check_s: float = Field(default=1.0, gt=0)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class EmbedderConfig(Strict):
+    model: str = "bundled:all-MiniLM-L6-v2"  # or any sentence-transformers id/path
+    revision: str = "main"
+    backend: Literal["torch", "onnx"] = "torch"
+    device: str = "cpu"
+    batch_size: int = Field(default=64, ge=1)
+    max_wait_ms: int = Field(default=50, ge=0)
+    sort_window: int = Field(default=1024, ge=1)  # length-sort within this many texts
+    max_chars: int = Field(default=4000, ge=1)  # longer texts are truncated, by rule
+    normalize: bool = True
+    threads: int | None = None
+
+
+class ClustererConfig(Strict):
+    engine: Literal["minibatch", "river"] = "minibatch"
+    k_initial: int = Field(default=20, ge=2)
+    k_max: int = Field(default=100, ge=2)
+    warmup: int = Field(default=400, ge=10)  # texts before the first fit
+    batch_size: int = Field(default=256, ge=1)
+    split_min_size: int = Field(default=200, ge=10)
+    split_every: int = Field(default=2000, ge=100)  # texts between growth checks
+    reservoir_size: int = Field(default=60, ge=4)
+    label_fraction: float = Field(default=0.3, gt=0, lt=1)  # rest is held out for validation
+    snapshot_every_s: float = Field(default=5.0, gt=0)
+    snapshot_every_n: int = Field(default=2000, ge=1)
+    min_cluster_texts: int = Field(default=30, ge=4)  # before a cluster may become a candidate
+    boundary_margin: float = Field(default=0.05, ge=0)
+    drift_delta: float = Field(default=0.002, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _k_order(self) -> ClustererConfig:
+        if self.k_max < self.k_initial:
+            raise ValueError(f"k_max ({self.k_max}) must be >= k_initial ({self.k_initial})")
+        return self
+
+
+class ControllerConfig(Strict):
+    strategy: Literal["active", "uniform"] = "active"
+    initial_texts: int = Field(default=5000, ge=2)  # per experiment, both roles together
+    round_texts: int = Field(default=1000, ge=2)
+    max_texts: int = Field(default=20000, ge=2)  # the generation budget
+    probe_samples: int = Field(default=2, ge=1)  # multi-stage filtering: samples per prompt per role
+    exploration_share: float = Field(default=0.2, ge=0, le=1)
+    prompts_per_request: int = Field(default=16, ge=1)
+    max_wall_s: float | None = Field(default=None, gt=0)
+    idle_finish_s: float = Field(default=20.0, gt=0)  # finish when nothing moves for this long
+    min_validated_to_stop: int | None = None
+
+
+class LLMConfig(Strict):
+    provider: Literal["openai", "anthropic", "gemini"] = "openai"
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    api_key_env: str | None = None  # default per provider: OPENAI_API_KEY, ANTHROPIC_API_KEY, GEMINI_API_KEY
+    max_concurrency: int = Field(default=8, ge=1)
+    requests_per_s: float = Field(default=10.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=4, ge=0)
+    temperature: float = 0.0
+    max_output_tokens: int = Field(default=256, ge=1)
+    usd_per_1k_input: float = Field(default=0.00015, ge=0)
+    usd_per_1k_output: float = Field(default=0.0006, ge=0)
+
+
+class HypothesizerConfig(Strict):
+    labeler: Literal["offline", "llm"] = "offline"
+    labels_per_cluster: int = Field(default=1, ge=1)
+    texts_per_side: int = Field(default=10, ge=1)
+    templated: bool = True
+    llm: LLMConfig | None = None
+
+
+class TierConfig(Strict):
+    name: str
+    kind: Literal["keyword", "embedding", "probe", "llm", "generative"]
+    llm: LLMConfig | None = None
+    max_texts: int = Field(default=60, ge=4)  # held-out texts scored, per side at most
+    escalate_band: float = Field(default=0.0, ge=0)  # extra width of the "undecided" band
+
+    @model_validator(mode="after")
+    def _llm_needed(self) -> TierConfig:
+        if self.kind in ("llm", "generative") and self.llm is None:
+            raise ValueError(f"tier {self.name!r} of kind {self.kind!r} needs an llm section")
+        return self
+
+
+class ValidatorConfig(Strict):
+    alpha: float = Field(default=0.05, gt=0, lt=1)  # the stated error rate
+    fdr: Literal["lord", "bh"] = "lord"
+    min_auc: float = Field(default=0.6, ge=0.5, lt=1)  # effect the claim must clear, not just p
+    tiers: list[TierConfig] = Field(default_factory=lambda: [
+        TierConfig(name="keyword", kind="keyword"),
+        TierConfig(name="embedding", kind="embedding"),
+    ])
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers_nonempty(cls, v: list[TierConfig]) -> list[TierConfig]:
+        if not v:
+            raise ValueError("at least one validation tier is required")
+        names = [t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        return v
+
+
+class GroundTruthConfig(Strict):
+    enabled: bool = True  # scores hypotheses against planted behaviours when there are any
+    match_threshold: float = Field(default=0.45, ge=0, le=1)
+    judge: LLMConfig | None = None
+
+
+class ExperimentConfig(Strict):
+    id: str | None = None  # default: "<name>-<timestamp>"
+    name: str = "experiment"
+    seed: int = 0
+    run_dir: str = "runs"
+    data_dir: str = ".data"  # embedded broker/cache state
+    budget_usd: float = Field(default=0.0, ge=0)  # LLM spend cap; 0 = no paid calls at all
+
+    @field_validator("id")
+    @classmethod
+    def _id_chars(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", v):
+            raise ValueError("may contain only letters, digits, '.', '_' and '-' (1-100 chars)")
+        return v
+
+
+class Config(Strict):
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    bus: BusConfig = Field(default_factory=BusConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    clusterer: ClustererConfig = Field(default_factory=ClustererConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    hypothesizer: HypothesizerConfig = Field(default_factory=HypothesizerConfig)
+    validator: ValidatorConfig = Field(default_factory=ValidatorConfig)
+    ground_truth: GroundTruthConfig = Field(default_factory=GroundTruthConfig)
+
+    @property
+    def experiment_id(self) -> str:
+        assert self.experiment.id is not None, "call resolve_ids() first"
+        return self.experiment.id
+
+    def resolve_ids(self) -> Config:
+        if self.experiment.id is None:
+            self.experiment.id = f"{self.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path)}: cannot override inside a non-mapping value")
+    node[path[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Nested dict from ``AUTOINTERV__A__B=v`` variables plus KAFKA_BOOTSTRAP / REDIS_URL."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if name.startswith(ENV_PREFIX):
+            path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+            if path:
+                _set_path(tree, path, yaml.safe_load(raw) if raw != "" else None)
+    if environ.get("KAFKA_BOOTSTRAP"):
+        _set_path(tree, ["bus", "bootstrap"], environ["KAFKA_BOOTSTRAP"])
+    if environ.get("REDIS_URL"):
+        _set_path(tree, ["cache", "url"], environ["REDIS_URL"])
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load YAML, apply env and explicit overrides, validate; raise ConfigError naming fields."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must contain a mapping at the top level")
+        data = loaded
+    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return Config.model_validate(data).resolve_ids()
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,381 @@
+"""Topic contracts: one pydantic model per topic, serialised with orjson.
+
+The JSON Schema files in ``schemas/`` are generated from these models (``autointerv schemas
+--write``) and are the language-neutral truth for plug-in authors; ``tests/test_schemas.py``
+fails when the two drift apart.  Every record also carries CloudEvents-style Kafka headers
+(see :class:`Envelope`), so routing and dedupe never need to parse the body.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1.0"
+Role = Literal["base", "intervention"]
+ROLES: tuple[Role, Role] = ("base", "intervention")
+
+
+def stable_id(*parts: object) -> str:
+    """Deterministic 128-bit id from parts; stable across processes (unlike ``hash()``)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(str(p).encode())
+        h.update(b"\x1f")
+    return h.hexdigest()
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(BaseModel):
+    """Base for all topic payloads."""
+
+    model_config = ConfigDict(extra="ignore", frozen=False)
+    topic: ClassVar[str]  # logical topic name, see services.core.topics
+    type: ClassVar[str]  # CloudEvents type, e.g. "autointerv.text.decoded"
+
+    schema_version: str = SCHEMA_VERSION
+    experiment_id: str
+
+    def event_id(self) -> str:
+        """Id used for dedupe; subclasses return their natural key."""
+        raise NotImplementedError
+
+    def partition_key(self) -> str:
+        """Kafka key. Stateful consumers (clusterer, sink) rely on per-experiment ordering."""
+        return self.experiment_id
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def from_bytes(cls, data: bytes):  # noqa: ANN206 - returns cls
+        return cls.model_validate(orjson.loads(data))
+
+
+# --------------------------------------------------------------------------- generation
+
+
+class PromptRef(BaseModel):
+    prompt_id: str
+    text: str = ""  # empty string means decode from BOS
+
+
+class Exemplar(BaseModel):
+    """A text that a targeted request wants continued or re-sampled around."""
+
+    text_id: str
+    prompt_id: str
+    text: str = ""
+    prefix_tokens: int = 8  # continue from the exemplar's first N tokens/words
+
+
+class Decoding(BaseModel):
+    """Per-request decoding overrides; ``None`` means "the generator's configured default"."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+
+
+class GenerationRequest(Event):
+    topic: ClassVar[str] = "generation-requests"
+    type: ClassVar[str] = "autointerv.generation.requested"
+
+    request_id: str = Field(default_factory=new_id)
+    role: Role
+    reason: Literal["seed", "uncertainty", "divergence_probe", "replay", "manual"] = "seed"
+    round: int = 0
+    prompts: list[PromptRef] = Field(default_factory=list)
+    exemplars: list[Exemplar] = Field(default_factory=list)
+    n_per_prompt: int = Field(default=1, ge=1)
+    decoding: Decoding = Field(default_factory=Decoding)
+    note: str = ""  # why this request exists, in words (logged by the controller)
+
+    def event_id(self) -> str:
+        return self.request_id
+
+    def partition_key(self) -> str:
+        return self.request_id  # spread across generator replicas
+
+
+class DecodedText(Event):
+    topic: ClassVar[str] = "texts"
+    type: ClassVar[str] = "autointerv.text.decoded"
+
+    text_id: str
+    request_id: str
+    role: Role
+    model_id: str
+    prompt_id: str
+    prompt: str = ""
+    text: str
+    sample_index: int = 0
+    n_tokens: int = 0
+    reason: str = "seed"
+    round: int = 0
+    backend: str = ""
+    generated_at: float = Field(default_factory=time.time)
+    meta: dict[str, Any] = Field(default_factory=dict)  # e.g. sim ground truth, logprobs
+
+    def event_id(self) -> str:
+        return self.text_id
+
+    def partition_key(self) -> str:
+        return self.text_id  # spread across embedder replicas
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+class EmbeddedText(Event):
+    """A decoded text plus its vector.  The vector travels as base64 of little-endian bytes:
+    a JSON float list costs ~6x the bytes and measurable encode/decode CPU (bench/embedding.py)."""
+
+    topic: ClassVar[str] = "embeddings"
+    type: ClassVar[str] = "autointerv.text.embedded"
+
+    text_id: str
+    request_id: str = ""
+    role: Role
+    prompt_id: str
+    text: str
+    reason: str = "seed"
+    round: int = 0
+    embedding_model: str
+    dim: int
+    dtype: Literal["float16", "float32"] = "float16"
+    vector_b64: str
+    cache_hit: bool = False
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    def event_id(self) -> str:
+        return self.text_id
+
+    def vector(self) -> np.ndarray:
+        arr = np.frombuffer(base64.b64decode(self.vector_b64), dtype=np.dtype(self.dtype).newbyteorder("<"))
+        return arr.astype(np.float32)
+
+    @staticmethod
+    def encode_vector(vec: np.ndarray, dtype: str = "float16") -> str:
+        return base64.b64encode(np.asarray(vec, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
+
+
+# --------------------------------------------------------------------------- clustering
+
+
+class ClusterStats(BaseModel):
+    cluster_id: int
+    count_base: int
+    count_intervention: int
+    share_intervention: float
+    share_ci: tuple[float, float]  # CI on P(intervention | cluster)
+    e_value: float = 1.0  # anytime-valid evidence against "no difference"
+    centroid_2d: tuple[float, float] = (0.0, 0.0)
+    parent_id: int | None = None
+    top_terms: list[str] = Field(default_factory=list)
+
+
+class ClusterQuality(BaseModel):
+    silhouette: float | None = None
+    inertia: float | None = None
+    nmi_previous: float | None = None
+    n_clusters: int = 0
+    min_size: int = 0
+    max_size: int = 0
+
+
+class ClusterSnapshot(Event):
+    topic: ClassVar[str] = "cluster-snapshots"
+    type: ClassVar[str] = "autointerv.cluster.snapshot"
+
+    seq: int
+    n_seen: int
+    n_base: int
+    n_intervention: int
+    engine: str
+    clusters: list[ClusterStats]
+    quality: ClusterQuality
+    created_at: float = Field(default_factory=time.time)
+
+    def event_id(self) -> str:
+        return f"{self.experiment_id}:snapshot:{self.seq}"
+
+
+class TextRef(BaseModel):
+    text_id: str
+    prompt_id: str
+    role: Role
+    text: str = ""
+
+
+class UncertaintyEvent(Event):
+    topic: ClassVar[str] = "uncertainty"
+    type: ClassVar[str] = "autointerv.cluster.uncertain"
+
+    uncertainty_id: str
+    kind: Literal["boundary", "undersampled", "unresolved_share", "drift"]
+    cluster_ids: list[int]
+    score: float
+    exemplars: list[TextRef] = Field(default_factory=list)
+    snapshot_seq: int = 0
+    detail: str = ""
+    created_at: float = Field(default_factory=time.time)
+
+    def event_id(self) -> str:
+        return self.uncertainty_id
+
+
+class CandidateCluster(Event):
+    """A cluster whose base/intervention share differs beyond the anytime-valid threshold.
+
+    ``label_texts`` may be shown to a labeler; ``holdout_texts`` must never be: they exist only to
+    validate the resulting hypotheses (the split is by a hash of the text id, decided once)."""
+
+    topic: ClassVar[str] = "candidates"
+    type: ClassVar[str] = "autointerv.cluster.divergent"
+
+    candidate_id: str
+    cluster_id: int
+    snapshot_seq: int
+    direction: Role  # the over-represented side
+    count_base: int
+    count_intervention: int
+    share_intervention: float
+    share_ci: tuple[float, float]
+    e_value: float
+    alpha_spent: float  # the level this cluster was tested at (alpha spending across clusters)
+    label_texts: list[TextRef]
+    holdout_texts: list[TextRef]
+    created_at: float = Field(default_factory=time.time)
+
+    def event_id(self) -> str:
+        return self.candidate_id
+
+
+# --------------------------------------------------------------------------- hypotheses
+
+
+class Hypothesis(Event):
+    topic: ClassVar[str] = "hypotheses"
+    type: ClassVar[str] = "autointerv.hypothesis.proposed"
+
+    hypothesis_id: str
+    candidate_id: str
+    cluster_id: int
+    direction: Role  # the side the description is about
+    text: str  # the claim, in words
+    kind: Literal["contrastive", "templated"] = "contrastive"
+    labeler: str  # "offline:log-odds", "llm:openai:gpt-4o-mini", ...
+    keywords: list[str] = Field(default_factory=list)
+    label_text_ids: list[str] = Field(default_factory=list)  # what the labeler saw
+    holdout_texts: list[TextRef] = Field(default_factory=list)  # for validators only
+    cluster_evidence: dict[str, float] = Field(default_factory=dict)  # share diff, CI, e-value
+    created_at: float = Field(default_factory=time.time)
+
+    def event_id(self) -> str:
+        return self.hypothesis_id
+
+
+class Validation(Event):
+    topic: ClassVar[str] = "validations"
+    type: ClassVar[str] = "autointerv.hypothesis.validated"
+
+    validation_id: str
+    hypothesis_id: str
+    tier: str
+    tier_index: int
+    decision: Literal["validated", "rejected", "escalated"]
+    auc: float
+    auc_ci: tuple[float, float]
+    p_value: float
+    alpha_level: float  # the level the online FDR rule gave this test
+    n_pos: int
+    n_neg: int
+    effect: dict[str, float] = Field(default_factory=dict)  # e.g. share difference and its CI
+    calls: int = 0  # scorer calls this tier made (LLM calls for LLM tiers)
+    cost_usd: float = 0.0
+    hypothesis: Hypothesis | None = None  # carried for sinks and the next tier
+    created_at: float = Field(default_factory=time.time)
+
+    def event_id(self) -> str:
+        return self.validation_id
+
+
+class DeadLetter(Event):
+    topic: ClassVar[str] = "dead-letters"
+    type: ClassVar[str] = "autointerv.deadletter"
+
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    service: str
+    reason: str
+    original_b64: str  # the original bytes, untouched
+    original_headers: dict[str, str] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=time.time)
+
+    def event_id(self) -> str:
+        return f"{self.source_topic}:{self.source_partition}:{self.source_offset}"
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    GenerationRequest,
+    DecodedText,
+    EmbeddedText,
+    ClusterSnapshot,
+    UncertaintyEvent,
+    CandidateCluster,
+    Hypothesis,
+    Validation,
+    DeadLetter,
+)
+EVENTS_BY_TOPIC: Mapping[str, type[Event]] = {e.topic: e for e in EVENT_TYPES}
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+class Envelope(BaseModel):
+    """CloudEvents-style headers carried on every Kafka record (binary content mode)."""
+
+    id: str
+    type: str
+    source: str
+    time: float
+    experiment_id: str
+    schema_version: str = SCHEMA_VERSION
+    specversion: str = "1.0"
+
+    HEADER_PREFIX: ClassVar[str] = "ce_"
+
+    def to_headers(self) -> list[tuple[str, bytes]]:
+        return [(f"{self.HEADER_PREFIX}{k}", str(v).encode()) for k, v in self.model_dump().items()]
+
+    @classmethod
+    def from_headers(cls, headers: list[tuple[str, bytes]] | None) -> Envelope | None:
+        if not headers:
+            return None
+        raw = {k[len(cls.HEADER_PREFIX):]: v.decode(errors="replace") for k, v in headers
+               if k.startswith(cls.HEADER_PREFIX)}
+        try:
+            return cls.model_validate(raw)
+        except Exception:
+            return None
+
+    @classmethod
+    def for_event(cls, event: Event, source: str) -> Envelope:
+        return cls(id=event.event_id(), type=event.type, source=source, time=time.time(),
+                   experiment_id=event.experiment_id)
