@@ -39,6 +39,10 @@ class BusConfig(Strict):
     replication_factor: int = Field(default=1, ge=1)
     max_poll_records: int = Field(default=256, ge=1)
     poll_timeout_ms: int = Field(default=200, ge=1)
+    # Tansu completes a group join after session_timeout/2 (measured: 30 s -> 15 s start-up),
+    # so the default is short; raise it on real Kafka if event-loop stalls could exceed it.
+    session_timeout_ms: int = Field(default=6000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=1000, ge=100)
     exactly_once: bool = False  # real Kafka only: Tansu rejects idempotent/transactional producers
     client_id: str = "autointerv"
 
@@ -140,7 +144,7 @@ class GeneratorConfig(Strict):
 class EmbedderConfig(Strict):
     model: str = "bundled:all-MiniLM-L6-v2"  # or any sentence-transformers id/path
     revision: str = "main"
-    backend: Literal["torch", "onnx"] = "torch"
+    backend: Literal["torch", "onnx", "hashing"] = "torch"  # hashing: fast non-semantic (tests, cheap runs)
     device: str = "cpu"
     batch_size: int = Field(default=64, ge=1)
     max_wait_ms: int = Field(default=50, ge=0)
@@ -166,6 +170,23 @@ class ClustererConfig(Strict):
     boundary_margin: float = Field(default=0.05, ge=0)
     drift_delta: float = Field(default=0.002, gt=0)
     seed: int = 0
+    # reservoirs (bounded state: these sizes, not the stream length, set the snapshot size)
+    vector_reservoir_size: int = Field(default=64, ge=8)  # per cluster: 2-means splits, quality
+    global_reservoir_size: int = Field(default=500, ge=10)  # per role, holdout only: pads negatives
+    max_splits_per_check: int = Field(default=4, ge=1)  # growth: splits per split_every texts
+    quality_sample: int = Field(default=2000, ge=100)  # silhouette/NMI rows per snapshot
+    # uncertainty events (each (kind, cluster) at most once per uncertainty_every texts)
+    uncertainty_every: int = Field(default=1000, ge=1)
+    boundary_window: int = Field(default=200, ge=10)  # last texts per cluster whose margins count
+    boundary_min_texts: int = Field(default=20, ge=1)
+    boundary_share: float = Field(default=0.3, gt=0, le=1)  # share of small margins that flags
+    undersampled_ratio: float = Field(default=0.25, gt=0, lt=1)  # of the mean cluster size
+    unresolved_min_effect: float = Field(default=0.1, gt=0, lt=0.5)  # |share - 0.5| worth resolving
+    unresolved_min_texts: int = Field(default=10, ge=1)
+    unresolved_max_texts: int = Field(default=400, ge=1)
+    # OpenMP/BLAS threads for searches and fits; 1 is fastest at k <= 1000 (spin-waiting threads
+    # made small faiss searches ~10x slower on a shared 2-core machine); None: library default
+    threads: int | None = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _k_order(self) -> ClustererConfig:
@@ -196,6 +217,8 @@ class LLMConfig(Strict):
     requests_per_s: float = Field(default=10.0, gt=0)
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=4, ge=0)
+    backoff_base_s: float = Field(default=0.5, gt=0)  # full-jitter window of the 1st retry, doubling after
+    backoff_max_s: float = Field(default=30.0, gt=0)  # cap of that window (Retry-After overrides both)
     temperature: float = 0.0
     max_output_tokens: int = Field(default=256, ge=1)
     usd_per_1k_input: float = Field(default=0.00015, ge=0)

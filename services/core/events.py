@@ -95,6 +95,7 @@ class GenerationRequest(Event):
     type: ClassVar[str] = "autointerv.generation.requested"
 
     request_id: str = Field(default_factory=new_id)
+    pair_id: str = ""  # shared by the base and intervention requests planned together
     role: Role
     reason: Literal["seed", "uncertainty", "divergence_probe", "replay", "manual"] = "seed"
     round: int = 0
@@ -117,6 +118,7 @@ class DecodedText(Event):
 
     text_id: str
     request_id: str
+    pair_id: str = ""  # same for the two roles' texts of one (paired request, prompt, sample)
     role: Role
     model_id: str
     prompt_id: str
@@ -149,6 +151,7 @@ class EmbeddedText(Event):
 
     text_id: str
     request_id: str = ""
+    pair_id: str = ""
     role: Role
     prompt_id: str
     text: str
@@ -298,8 +301,8 @@ class Validation(Event):
     tier: str
     tier_index: int
     decision: Literal["validated", "rejected", "escalated"]
-    auc: float
-    auc_ci: tuple[float, float]
+    auc: float | None = None  # None for templated share hypotheses (decided by the share test)
+    auc_ci: tuple[float, float] | None = None
     p_value: float
     alpha_level: float  # the level the online FDR rule gave this test
     n_pos: int

@@ -1,0 +1,1 @@
+"""autointerv: streaming comparison of a base and an intervention language model."""

@@ -1,0 +1,3 @@
+from services.clusterer.service import ClustererService
+
+__all__ = ["ClustererService"]

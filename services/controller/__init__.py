@@ -1,0 +1,3 @@
+from services.controller.service import ControllerService
+
+__all__ = ["ControllerService"]

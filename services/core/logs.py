@@ -1,0 +1,45 @@
+"""Structured logging: one JSON object per line (orjson), with the record's ``extra`` fields.
+
+Secrets never reach the log: API keys are only read from the environment by the LLM clients and
+are never passed as log fields; as a second line of defence any field whose name looks like a
+credential is masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import orjson
+
+_STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+_SECRET_HINTS = ("key", "token", "secret", "password", "authorization")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "time": time.strftime("%H:%M:%S", time.localtime(record.created)),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in record.__dict__.items():
+            if k not in _STD and not k.startswith("_"):
+                out[k] = "***" if any(h in k.lower() for h in _SECRET_HINTS) else v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def setup_logging(level: str = "INFO", stream=None) -> None:  # noqa: ANN001 - any text stream
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("autointerv").setLevel(level)
+    for noisy in ("aiokafka", "kafka", "faust", "mode", "sentence_transformers", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,83 @@
+"""Prometheus metrics and health, one registry per process (no module-level state).
+
+Every service gets the same core series, labelled by service: records processed, errors, dead
+letters, batch latency, consumer lag and last-progress time.  Services add their own series
+through :meth:`Metrics.counter` / :meth:`Metrics.gauge` / :meth:`Metrics.histogram`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "autointerv_"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._series: dict[str, Counter | Gauge | Histogram] = {}
+        self.processed = self.counter("records_processed_total", "Records handled successfully",
+                                      ["service", "topic"])
+        self.errors = self.counter("errors_total", "Errors while handling records", ["service", "kind"])
+        self.dead_letters = self.counter("dead_letters_total", "Records sent to the dead-letter topic",
+                                         ["service", "topic"])
+        self.published = self.counter("records_published_total", "Records produced", ["service", "topic"])
+        self.batch_seconds = self.histogram("batch_seconds", "Time to handle one polled batch", ["service"],
+                                            buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.batch_size = self.histogram("batch_records", "Records per polled batch", ["service"],
+                                         buckets=(1, 4, 16, 64, 128, 256, 512, 1024))
+        self.lag = self.gauge("consumer_lag", "End offset minus position", ["service", "group", "topic"])
+        self.last_progress = self.gauge("last_progress_timestamp_seconds", "Unix time of last handled batch",
+                                        ["service"])
+        self.healthy = self.gauge("healthy", "1 when the service is alive and not stalled", ["service"])
+
+    def _get(self, kind: type, name: str, doc: str, labels: list[str], **kw: object):  # noqa: ANN202
+        full = PREFIX + name
+        if full not in self._series:
+            self._series[full] = kind(full, doc, labels, registry=self.registry, **kw)
+        return self._series[full]
+
+    def counter(self, name: str, doc: str, labels: list[str]) -> Counter:
+        return self._get(Counter, name, doc, labels)
+
+    def gauge(self, name: str, doc: str, labels: list[str]) -> Gauge:
+        return self._get(Gauge, name, doc, labels)
+
+    def histogram(self, name: str, doc: str, labels: list[str], buckets: tuple[float, ...] = ()) -> Histogram:
+        kw = {"buckets": buckets} if buckets else {}
+        return self._get(Histogram, name, doc, labels, **kw)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """Current value of a sample (tests and the terminal view use this)."""
+        v = self.registry.get_sample_value(PREFIX + name, labels)
+        return 0.0 if v is None else float(v)
+
+
+@dataclass
+class Health:
+    """Liveness plus stall detection: alive but no progress while there is lag is unhealthy."""
+
+    service: str
+    stall_after_s: float
+    started: float = field(default_factory=time.time)
+    last_poll: float = field(default_factory=time.time)
+    last_progress: float = field(default_factory=time.time)
+    lag: int = 0
+    running: bool = True
+    detail: str = ""
+
+    def status(self, now: float | None = None) -> tuple[bool, str]:
+        now = time.time() if now is None else now
+        if not self.running:
+            return False, "stopped"
+        if now - self.last_poll > self.stall_after_s:
+            return False, f"poll loop blocked for {now - self.last_poll:.0f}s"
+        if self.lag > 0 and now - self.last_progress > self.stall_after_s:
+            return False, f"stalled: lag {self.lag} and no progress for {now - self.last_progress:.0f}s"
+        return True, "ok"

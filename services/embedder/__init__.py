@@ -1,0 +1,3 @@
+from services.embedder.service import EmbedderService
+
+__all__ = ["EmbedderService"]

@@ -1,0 +1,86 @@
+"""Embedder service: decoded texts in, embedded texts out, through a Redis vector cache.
+
+Per polled batch: texts that cannot be embedded (not a string, empty) are dead-lettered with the
+reason; the rest are normalised (enormous ones truncated by rule), deduplicated within the batch,
+looked up in the cache with one pipelined round trip, and only the misses are encoded, in a worker
+thread so the event loop keeps fetching (aiokafka prefetches the next batch meanwhile) and
+producing.  Replicas share a consumer group; a text cached by one replica is a hit for every
+other.  If Redis is unreachable the cache degrades to pass-through and reconnects with backoff;
+no event is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar
+
+from services.core.config import Config, EmbedderConfig
+from services.core.events import DecodedText, EmbeddedText
+from services.core.runtime import Incoming, Service
+from services.embedder.cache import EmbeddingCache, embed_with_cache
+from services.embedder.encoder import Encoder, check_text
+
+
+async def make_encoder(cfg: EmbedderConfig) -> Encoder:
+    """Load the configured encoder off the event loop (model loading takes seconds)."""
+    if cfg.backend == "hashing":
+        from services.embedder.hashing import HashingEncoder
+
+        return HashingEncoder(cfg)
+    from services.embedder.encoder import load_encoder
+
+    return await asyncio.to_thread(load_encoder, cfg)
+
+
+def make_cache(cfg: Config, redis) -> EmbeddingCache | None:  # noqa: ANN001 - redis.asyncio.Redis
+    if not cfg.cache.enabled:
+        return None
+    return EmbeddingCache(redis, cfg.cache)
+
+
+class EmbedderService(Service):
+    name: ClassVar[str] = "embedder"
+    consumes = (DecodedText,)
+
+    async def setup(self) -> None:
+        self.encoder = await make_encoder(self.cfg.embedder)
+        self.redis = self.ctx.redis()
+        self.cache = make_cache(self.cfg, self.redis)
+        m = self.metrics
+        self.m_hits = m.counter("embedder_cache_hits_total", "Vectors served from the cache", ["service"])
+        self.m_misses = m.counter("embedder_cache_misses_total", "Vectors computed by the model", ["service"])
+        self.m_texts = m.counter("embedder_texts_total", "Texts embedded (hits + misses)", ["service"])
+        self.m_degraded = m.gauge("embedder_cache_degraded", "1 while Redis is unreachable", ["service"])
+        self.m_bytes = m.counter("embedder_cache_bytes_total", "Bytes read/written", ["service", "direction"])
+        self.dtype = self.cfg.cache.vector_dtype
+
+    async def handle(self, batch: list[Incoming]) -> None:
+        good: list[DecodedText] = []
+        for item in batch:
+            ev = item.event
+            assert isinstance(ev, DecodedText)
+            reason = check_text(ev.text)
+            if reason is not None:
+                await self.dead_letter(item.record, f"text not embeddable: {reason}")
+                continue
+            good.append(ev)
+        if not good:
+            return
+        vectors, hits = await embed_with_cache(self.cache, self.encoder, [e.text for e in good])
+        for ev, vec, hit in zip(good, vectors, hits, strict=True):
+            await self.emit(EmbeddedText(
+                experiment_id=ev.experiment_id, text_id=ev.text_id, request_id=ev.request_id,
+                pair_id=ev.pair_id, role=ev.role, prompt_id=ev.prompt_id, text=ev.text, reason=ev.reason,
+                round=ev.round, embedding_model=self.encoder.model_key, dim=int(vec.shape[0]), dtype=self.dtype,
+                vector_b64=EmbeddedText.encode_vector(vec, self.dtype), cache_hit=bool(hit), meta=ev.meta,
+            ))
+        n_hits = int(sum(bool(h) for h in hits))
+        self.m_hits.labels(self.name).inc(n_hits)
+        self.m_misses.labels(self.name).inc(len(good) - n_hits)
+        self.m_texts.labels(self.name).inc(len(good))
+        if self.cache is not None:
+            self.m_degraded.labels(self.name).set(1 if self.cache.degraded else 0)
+
+    async def teardown(self) -> None:
+        if getattr(self, "redis", None) is not None:
+            await self.redis.aclose()

@@ -1,0 +1,150 @@
+"""Generator service: generation requests in, decoded texts out.
+
+Replicas in one consumer group share requests (one per GPU via CUDA_VISIBLE_DEVICES).  A replica
+serves the roles in ``generator.roles``; replicas serving different roles use different groups, so
+each request reaches exactly one replica that can serve it.  Text ids are derived from
+(request, role, prompt, sample), so a re-delivered request yields the same ids and downstream
+consumers dedupe it.  Backpressure: while the embedder group's lag on ``texts`` exceeds
+``generator.max_embedder_lag`` the consumer pauses its partitions, and resumes below half of it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar
+
+from services.core.bus import group_lag
+from services.core.events import DecodedText, GenerationRequest, stable_id
+from services.core.runtime import Incoming, Service
+from services.generator.backends import make_backend
+from services.generator.backends.base import DecodingParams, GenerationBackend, GenerationTask
+
+
+class GeneratorService(Service):
+    name: ClassVar[str] = "generator"
+    consumes = (GenerationRequest,)
+
+    async def setup(self) -> None:
+        self.roles = sorted(set(self.cfg.generator.roles))
+        self.backends: dict[str, GenerationBackend] = {
+            role: make_backend(getattr(self.cfg.models, role), self.cfg.generator, role) for role in self.roles
+        }
+        m = self.metrics
+        self.m_texts = m.counter("generator_texts_total", "Texts decoded", ["backend", "role"])
+        self.m_tokens = m.counter("generator_tokens_total", "Tokens decoded", ["backend", "role"])
+        self.m_failures = m.counter("generator_failures_total", "Prompts that failed for good", ["backend", "role"])
+        self.m_seconds = m.histogram("generator_batch_seconds", "Backend time per request", ["backend", "role"])
+        self.m_fill = m.histogram("generator_batch_fill", "Prompts x samples per backend call",
+                                  ["backend", "role"], buckets=(1, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.m_paused = m.gauge("generator_paused", "1 while paused by backpressure", ["service"])
+        self.m_embed_lag = m.gauge("generator_observed_embedder_lag", "Embedder lag seen by backpressure",
+                                   ["service"])
+        self.paused = False
+        self._last_lag_check = 0.0
+
+    def group_id(self) -> str:
+        return f"{super().group_id()}-{'+'.join(sorted(set(self.cfg.generator.roles)))}"
+
+    async def handle(self, batch: list[Incoming]) -> None:
+        for item in batch:
+            req = item.event
+            assert isinstance(req, GenerationRequest)
+            if req.role in self.backends:
+                await self._serve(req)
+
+    def _tasks(self, req: GenerationRequest) -> list[GenerationTask]:
+        g = self.cfg.generator
+        d = req.decoding
+        params = DecodingParams(
+            temperature=g.temperature if d.temperature is None else d.temperature,
+            top_p=g.top_p if d.top_p is None else d.top_p,
+            top_k=g.top_k if d.top_k is None else d.top_k,
+            max_new_tokens=g.max_new_tokens if d.max_new_tokens is None else d.max_new_tokens,
+            no_repeat_ngram_size=g.no_repeat_ngram_size,
+            seed=g.seed if d.seed is None else d.seed,
+        )
+        seed = int(stable_id(req.request_id)[:8], 16)
+        tasks = [GenerationTask(p.prompt_id, p.text, req.n_per_prompt, params, seed) for p in req.prompts]
+        for ex in req.exemplars:  # continue from the exemplar's first words
+            prefix = " ".join(ex.text.split()[: ex.prefix_tokens])
+            tasks.append(GenerationTask(ex.prompt_id, prefix, req.n_per_prompt, params, seed,
+                                        meta={"exemplar_text_id": ex.text_id}))
+        return tasks
+
+    async def _serve(self, req: GenerationRequest) -> None:
+        backend = self.backends[req.role]
+        for tasks in _unique_prompt_batches(self._tasks(req)):
+            await self._serve_tasks(req, backend, tasks)
+
+    async def _serve_tasks(self, req: GenerationRequest, backend: GenerationBackend,
+                           tasks: list[GenerationTask]) -> None:
+        labels = (backend.name, req.role)
+        t0 = time.perf_counter()
+        result = await backend.generate(tasks)
+        self.m_seconds.labels(*labels).observe(time.perf_counter() - t0)
+        self.m_fill.labels(*labels).observe(sum(t.n for t in tasks))
+        by_prompt = {t.prompt_id: t for t in tasks}
+        for g in result.texts:
+            task = by_prompt[g.prompt_id]
+            meta = {**task.meta, **g.meta}
+            origin = meta.get("exemplar_text_id", "")
+            await self.emit(DecodedText(
+                experiment_id=req.experiment_id,
+                text_id=stable_id(req.request_id, req.role, g.prompt_id, origin, g.sample_index),
+                request_id=req.request_id, role=req.role,
+                pair_id=stable_id(req.pair_id, g.prompt_id, origin, g.sample_index) if req.pair_id else "",
+                model_id=backend.model_id, prompt_id=g.prompt_id, prompt=task.prompt, text=g.text,
+                sample_index=g.sample_index, n_tokens=g.n_tokens, reason=req.reason, round=req.round,
+                backend=backend.name, meta=meta,
+            ))
+            self.m_tokens.labels(*labels).inc(g.n_tokens)
+        self.m_texts.labels(*labels).inc(len(result.texts))
+        for failure in result.failures:
+            self.m_failures.labels(*labels).inc()
+            self.log.error("generation failed", extra={"request_id": req.request_id,
+                                                       "prompt_id": failure.prompt_id, "error": str(failure)})
+
+    async def tick(self) -> None:
+        await self._backpressure()
+
+    async def _backpressure(self) -> None:
+        now = time.monotonic()
+        if self._consumer is None or now - self._last_lag_check < self.cfg.generator.lag_check_s:
+            return
+        self._last_lag_check = now
+        group = f"{self.ctx.topics.prefix}.{self.ctx.experiment_id}.embedder"
+        try:
+            lags = await group_lag(self.ctx.bootstrap, group, [self.ctx.topics.name(DecodedText.topic)])
+        except Exception as exc:  # noqa: BLE001 - never stop generating because a lag query failed
+            self.log.debug("lag query failed", extra={"error": str(exc)})
+            return
+        lag = sum(p.lag for p in lags)
+        self.m_embed_lag.labels(self.name).set(lag)
+        limit = self.cfg.generator.max_embedder_lag
+        parts = list(self._consumer.assignment())
+        if not self.paused and lag > limit:
+            self._consumer.pause(*parts)
+            self.paused = True
+            self.log.info("paused: embedder lag above limit", extra={"lag": lag, "limit": limit})
+        elif self.paused and lag <= limit // 2:
+            self._consumer.resume(*parts)
+            self.paused = False
+            self.log.info("resumed: embedder lag below half the limit", extra={"lag": lag})
+        self.m_paused.labels(self.name).set(1 if self.paused else 0)
+
+    async def teardown(self) -> None:
+        for b in getattr(self, "backends", {}).values():
+            await b.aclose()
+
+
+def _unique_prompt_batches(tasks: list[GenerationTask]) -> list[list[GenerationTask]]:
+    """Split tasks so no backend call sees one prompt id twice (results are keyed by prompt id)."""
+    batches: list[list[GenerationTask]] = []
+    for task in tasks:
+        for batch in batches:
+            if all(t.prompt_id != task.prompt_id for t in batch):
+                batch.append(task)
+                break
+        else:
+            batches.append([task])
+    return batches

@@ -1,0 +1,376 @@
+"""In-process experiment driver: the pipeline's own classes, wired with lists instead of Kafka.
+
+For statistics tests and policy benchmarks that need thousands of runs, where going through a
+broker would be far too slow.  Nothing is re-implemented: every stage is the code its service
+runs.
+
+* controller: :class:`SamplingPolicy` plans rounds and observes embeddings, uncertainty events
+  and snapshots exactly as ``ControllerService`` feeds it;
+* generator: a ``GeneratorService`` (never started; its ``emit`` appends to a list) serves the
+  paired requests, so text ids, pair ids and sim ground truth are the service's;
+* embedder: ``embed_with_cache`` without a cache, with vectors passed through the configured
+  storage dtype (``cache.vector_dtype``) as the Redis round trip would;
+* clusterer: :class:`ClusterState` ingests in chunks of ``bus.max_poll_records``.  The two texts
+  of each pair arrive in random order (and pairs are shuffled within a round, as parallel
+  generators would interleave them), which the share test's null needs;
+* hypothesizer: ``HypothesizerService.hypotheses_for`` (offline labeler);
+* validators: each tier's ``ValidatorService.decide`` (share test, AUC + LORD++ at alpha/n_tiers
+  per tier) on the scores of the same tier classes; escalations go to the next tier.
+
+A round is fully clustered before the next is planned (the service plans at 90%), and a snapshot
+is taken after each round; otherwise the order of events is the services'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from services.clusterer.state import ClusterState
+from services.controller.policy import Plan, SamplingPolicy
+from services.core.bus import Topics
+from services.core.config import Config, PlantedBehaviour
+from services.core.events import (
+    CandidateCluster,
+    DecodedText,
+    Event,
+    GenerationRequest,
+    Hypothesis,
+    PromptRef,
+    Validation,
+    stable_id,
+)
+from services.core.metrics import Metrics
+from services.core.runtime import Incoming, ServiceContext
+from services.embedder.cache import embed_with_cache
+from services.embedder.encoder import Encoder
+from services.generator.service import GeneratorService
+from services.groundtruth import Match, TextTruth, match_hypotheses, planted_behaviours
+from services.hypothesizer.service import HypothesizerService
+from services.stats.fdr import LordPlusPlus
+from services.validator.service import ValidatorService
+from services.validator.tiers import EmbeddingTier, KeywordTier, LLMTier, ProbeTier, Tier, split_holdout
+
+log = logging.getLogger("autointerv.harness")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    reason: str
+    texts: int  # texts generated so far, both roles
+    candidates: int  # so far
+    hypotheses: int
+    validated: int  # hypotheses whose final decision is "validated", so far
+    found: list[str]  # planted behaviours matched by a validated hypothesis, so far
+    n_clusters: int
+
+
+@dataclass
+class HarnessResult:
+    rounds: list[RoundRecord]
+    candidates: list[CandidateCluster]
+    hypotheses: list[Hypothesis]
+    validations: list[Validation]  # every tier's decision, in order
+    final: dict[str, Validation]  # hypothesis id -> its last (non-escalated) decision
+    matches: dict[str, Match]  # hypothesis id -> ground-truth match (validated ones)
+    found_at: dict[str, int]  # behaviour -> texts generated when first found and validated
+    behaviours: list[PlantedBehaviour]
+    texts: int
+    stop_reason: str
+    state: ClusterState
+    truth: dict[str, TextTruth]  # text id -> (role, planted behaviour or None)
+    vectors: np.ndarray | None = None  # every text's vector in arrival order (keep_vectors=True)
+    text_ids: list[str] = field(default_factory=list)
+
+    @property
+    def validated(self) -> list[Hypothesis]:
+        return [h for h in self.hypotheses if self.final.get(h.hypothesis_id, None) is not None
+                and self.final[h.hypothesis_id].decision == "validated"]
+
+    @property
+    def all_found(self) -> bool:
+        return all(b.name in self.found_at for b in self.behaviours)
+
+    def tier_counts(self) -> dict[str, dict[str, int]]:
+        """tier name -> decision -> count."""
+        out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for v in self.validations:
+            out[v.tier][v.decision] += 1
+        return {t: dict(d) for t, d in out.items()}
+
+
+class _CapturingGenerator(GeneratorService):
+    """The generator service with ``emit`` appending to a list instead of producing to Kafka."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.out: list[DecodedText] = []
+
+    async def emit(self, event: Event, topic: str | None = None) -> None:
+        assert isinstance(event, DecodedText)
+        self.out.append(event)
+
+
+def _context(cfg: Config) -> ServiceContext:
+    """A context for services that are constructed but never run (no broker, no Redis is touched)."""
+    return ServiceContext(cfg=cfg, bootstrap="in-process:0", redis_url="redis://in-process:0",
+                          metrics=Metrics(), topics=Topics(cfg.bus.topic_prefix))
+
+
+def load_prompts_for(cfg: Config) -> list[PromptRef]:
+    if cfg.prompts.source == "sim":
+        from services.generator.backends.sim import sim_prompts
+
+        return sim_prompts(cfg.prompts, cfg.models.intervention.sim)
+    from services.generator.prompts import load_prompts
+
+    return load_prompts(cfg.prompts, cfg.models.intervention.sim)
+
+
+async def make_tier(cfg: Config, index: int, encoder: Encoder) -> Tier:
+    """The tier classes the validator service builds, without Redis (no cache, in-process budget)."""
+    c = cfg.validator.tiers[index]
+    if c.kind == "keyword":
+        return KeywordTier(c)
+    if c.kind == "embedding":
+        return EmbeddingTier(c, encoder, None)
+    if c.kind == "probe":
+        return ProbeTier(c, encoder, None)
+    if c.kind == "llm":
+        from services.llm.factory import make_budget, make_llm_client
+
+        assert c.llm is not None
+        return LLMTier(c, make_llm_client(c.llm, budget=make_budget(cfg.experiment.budget_usd)))
+    raise ValueError(f"validator tier {c.name!r}: kind {c.kind!r} is not available in the harness")
+
+
+class Cascade:
+    """The validator tiers in order, each with its own LORD++ state, as the services chain them."""
+
+    def __init__(self, cfg: Config, tiers: list[Tier]) -> None:
+        ctx = _context(cfg)
+        self.services = [ValidatorService(ctx, i) for i in range(len(tiers))]
+        self.tiers = tiers
+        self.lords: list[LordPlusPlus] = [s.new_lord() for s in self.services]
+
+    @classmethod
+    async def build(cls, cfg: Config, encoder: Encoder) -> Cascade:
+        return cls(cfg, [await make_tier(cfg, i, encoder) for i in range(len(cfg.validator.tiers))])
+
+    async def validate(self, h: Hypothesis) -> list[Validation]:
+        """Every tier's decision for ``h`` until one is final (the last tier always is)."""
+        out = []
+        for svc, tier, lord in zip(self.services, self.tiers, self.lords, strict=True):
+            scores = None
+            if h.kind != "templated":
+                pos, neg = split_holdout(h, svc.tier_cfg.max_texts)
+                scores = await tier.score(h, pos, neg)
+            v = svc.decide(h, scores, lord)
+            out.append(v)
+            if v.decision != "escalated":
+                break
+        return out
+
+    async def aclose(self) -> None:
+        for svc, tier in zip(self.services, self.tiers, strict=True):
+            await tier.aclose()
+            await svc.producer.stop()
+
+
+def _interleave(texts: list[DecodedText], rng: random.Random) -> list[DecodedText]:
+    """Pairs in random order, and each pair's two roles in random order (coin flip per pair)."""
+    pairs: dict[str, list[DecodedText]] = defaultdict(list)
+    for t in texts:
+        pairs[t.pair_id or t.text_id].append(t)
+    groups = list(pairs.values())
+    rng.shuffle(groups)
+    out: list[DecodedText] = []
+    for g in groups:
+        g = sorted(g, key=lambda t: t.role)
+        if rng.random() < 0.5:
+            g.reverse()
+        out.extend(g)
+    return out
+
+
+class Harness:
+    """One experiment, driven round by round; see :func:`run_experiment`."""
+
+    def __init__(self, cfg: Config, encoder: Encoder, *, until_all_found: bool = False,
+                 keep_vectors: bool = False) -> None:
+        self.cfg = cfg
+        self.encoder = encoder
+        self.until_all_found = until_all_found
+        self.keep_vectors = keep_vectors
+        self.rng = random.Random(stable_id(cfg.experiment_id, cfg.experiment.seed, "harness"))
+        self.policy = SamplingPolicy(cfg.controller, load_prompts_for(cfg), seed=cfg.experiment.seed)
+        self.state = ClusterState(cfg.clusterer, cfg.experiment_id, alpha=cfg.validator.alpha)
+        self.behaviours = planted_behaviours(cfg)
+        self.ctx = _context(cfg)
+        self.generator = _CapturingGenerator(self.ctx)
+        self.hypothesizer = HypothesizerService(self.ctx)
+        self.cascade: Cascade | None = None
+        self.candidates: list[CandidateCluster] = []
+        self.hypotheses: list[Hypothesis] = []
+        self.validations: list[Validation] = []
+        self.final: dict[str, Validation] = {}
+        self.matches: dict[str, Match] = {}
+        self.found_at: dict[str, int] = {}
+        self.truth: dict[str, TextTruth] = {}
+        self.rounds: list[RoundRecord] = []
+        self.n_texts = 0
+        self.vectors: list[np.ndarray] = []
+        self.text_ids: list[str] = []
+
+    async def run(self) -> HarnessResult:
+        await self.generator.setup()
+        await self.hypothesizer.setup()
+        self.cascade = await Cascade.build(self.cfg, self.encoder)
+        try:
+            stop_reason = await self._loop()
+        finally:
+            await self._close()
+        return HarnessResult(
+            rounds=self.rounds, candidates=self.candidates, hypotheses=self.hypotheses,
+            validations=self.validations, final=self.final, matches=self.matches, found_at=self.found_at,
+            behaviours=self.behaviours, texts=self.n_texts, stop_reason=stop_reason, state=self.state,
+            truth=self.truth, vectors=np.concatenate(self.vectors) if self.vectors else None,
+            text_ids=self.text_ids)
+
+    async def _loop(self) -> str:
+        plans, reason = self.policy.initial_plans(), "initial sample"
+        while True:
+            await self._round(plans, reason)
+            if self.until_all_found and self.behaviours and len(self.found_at) == len(self.behaviours):
+                return f"every planted behaviour found and validated ({self.n_texts} texts)"
+            plans, reason = self.policy.next_plans()
+            if not plans:
+                return reason
+
+    async def _round(self, plans: list[Plan], reason: str) -> None:
+        texts = await self._generate(plans)
+        self.n_texts += len(texts)
+        ordered = _interleave(texts, self.rng)
+        X = await self._embed(ordered)
+        for t, x in zip(ordered, X, strict=True):  # the controller consumes every embedding
+            self.policy.observe_embedding(t.prompt_id, t.role, x)
+            self.truth[t.text_id] = (t.role, t.meta.get("behaviour"))
+        if self.keep_vectors:
+            self.vectors.append(X.astype(np.float16))
+            self.text_ids += [t.text_id for t in ordered]
+        step = self.cfg.bus.max_poll_records
+        with self._clusterer_threads():
+            for s in range(0, len(ordered), step):
+                chunk = ordered[s:s + step]
+                res = self.state.ingest_arrays([t.text_id for t in chunk], [t.prompt_id for t in chunk],
+                                               [t.role for t in chunk], [t.text for t in chunk], X[s:s + step])
+                for ev in res.uncertainty:
+                    self.policy.observe_uncertainty(ev)
+                for cand in res.candidates:
+                    await self._candidate(cand)
+            self.policy.observe_snapshot(self.state.snapshot())
+        validated = sum(1 for v in self.final.values() if v.decision == "validated")
+        self.rounds.append(RoundRecord(self.policy.round, reason, self.n_texts, len(self.candidates),
+                                       len(self.hypotheses), validated, sorted(self.found_at),
+                                       len(self.state.engine.ids)))
+        log.debug("round %d: %s", self.policy.round, self.rounds[-1])
+
+    def _clusterer_threads(self) -> threadpool_limits:
+        """BLAS threads for the clusterer's numpy/scipy work (``clusterer.threads``): on a small
+        shared machine spin-waiting BLAS threads made the snapshot's PCA ~15x slower."""
+        return threadpool_limits(self.cfg.clusterer.threads, user_api="blas")
+
+    async def _generate(self, plans: list[Plan]) -> list[DecodedText]:
+        """Paired requests built as ``ControllerService._send`` builds them, served by the generator."""
+        rnd, exp = self.policy.round, self.cfg.experiment_id
+        self.generator.out = []
+        for i, plan in enumerate(plans):
+            for role in ("base", "intervention"):
+                req = GenerationRequest(
+                    experiment_id=exp, request_id=stable_id(exp, rnd, i, role), pair_id=stable_id(exp, rnd, i),
+                    role=role, reason=plan.reason, round=rnd, prompts=plan.prompts,  # type: ignore[arg-type]
+                    exemplars=plan.exemplars, n_per_prompt=plan.n_per_prompt, note=plan.note)
+                await self.generator.handle([Incoming(req, None, None)])  # type: ignore[arg-type]
+        return self.generator.out
+
+    async def _embed(self, texts: list[DecodedText]) -> np.ndarray:
+        vecs, _ = await embed_with_cache(None, self.encoder, [t.text for t in texts])
+        return vecs.astype(self.cfg.cache.vector_dtype).astype(np.float32)  # the cache's storage dtype
+
+    async def _candidate(self, cand: CandidateCluster) -> None:
+        assert self.cascade is not None
+        self.candidates.append(cand)
+        for h in await self.hypothesizer.hypotheses_for(cand):
+            self.hypotheses.append(h)
+            decisions = await self.cascade.validate(h)
+            self.validations += decisions
+            self.final[h.hypothesis_id] = decisions[-1]
+            if decisions[-1].decision == "validated":
+                await self._score(h)
+
+    async def _score(self, h: Hypothesis) -> None:
+        """Ground truth of a validated hypothesis (cluster purity: the sim's own labels)."""
+        if not self.behaviours:
+            return
+        m = (await match_hypotheses([h], self.behaviours, truth=self.truth, method="purity"))[0]
+        self.matches[h.hypothesis_id] = m
+        if m.behaviour is not None and m.behaviour not in self.found_at:
+            self.found_at[m.behaviour] = self.n_texts
+
+    async def _close(self) -> None:
+        if self.cascade is not None:
+            await self.cascade.aclose()
+        await self.generator.teardown()
+        await self.hypothesizer.teardown()
+        for svc in (self.generator, self.hypothesizer):
+            await svc.producer.stop()
+
+
+async def arun_experiment(cfg: Config, *, encoder: Encoder | None = None, until_all_found: bool = False,
+                          keep_vectors: bool = False) -> HarnessResult:
+    """Async form of :func:`run_experiment` (for callers already in an event loop)."""
+    cfg = cfg.model_copy(deep=True).resolve_ids()
+    if encoder is None:
+        from services.embedder.service import make_encoder
+
+        encoder = await make_encoder(cfg.embedder)
+    return await Harness(cfg, encoder, until_all_found=until_all_found, keep_vectors=keep_vectors).run()
+
+
+def run_experiment(cfg: Config, *, encoder: Encoder | None = None, until_all_found: bool = False,
+                   keep_vectors: bool = False) -> HarnessResult:
+    """Run one experiment in process.
+
+    The budget is ``controller.max_texts``; with ``until_all_found`` the run also stops once every
+    planted behaviour has a validated hypothesis matching it (by cluster purity).  ``encoder``
+    defaults to the configured embedder (``embedder.backend: hashing`` for the fast one).
+    """
+    return asyncio.run(arun_experiment(cfg, encoder=encoder, until_all_found=until_all_found,
+                                       keep_vectors=keep_vectors))
+
+
+def sim_config(*, seed: int = 0, null: bool = False, strategy: str = "active", max_texts: int = 20000,
+               **sections: Any) -> Config:
+    """A sim experiment config for tests and benchmarks; ``sections`` merge over the defaults."""
+    from services.core.config import load_config
+
+    sim = {"backend": "sim", "sim": {"null": null}}
+    over: dict[str, Any] = {
+        "experiment": {"name": "harness", "id": f"harness-{seed}-{'null' if null else 'planted'}", "seed": seed},
+        "models": {"base": sim, "intervention": sim},
+        "generator": {"seed": seed},
+        "clusterer": {"seed": seed},
+        "embedder": {"backend": "hashing"},
+        "controller": {"strategy": strategy, "max_texts": max_texts},
+    }
+    for k, v in sections.items():
+        over[k] = {**over.get(k, {}), **v}
+    return load_config(None, environ={}, overrides=over)

@@ -1,0 +1,3 @@
+from services.hypothesizer.service import HypothesizerService
+
+__all__ = ["HypothesizerService"]

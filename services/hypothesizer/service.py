@@ -1,0 +1,126 @@
+"""Hypothesizer service: divergent-cluster candidates in, hypotheses out.
+
+For each candidate it writes contrastive labels from the *label split* of the cluster's texts
+only (the held-out split travels along untouched, for validators), several per cluster when
+``labels_per_cluster > 1`` (each later label is asked for a pattern not covered yet), plus one
+templated hypothesis about the cluster's share.  The offline labeler needs no key; the LLM labeler
+is used when configured and falls back to the offline one when the budget or the API refuses.
+Hypothesis ids derive from (candidate, labeler, index), so a re-delivered candidate produces the
+same ids and downstream consumers dedupe.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from services.core.events import CandidateCluster, Hypothesis, stable_id
+from services.core.runtime import Incoming, Service
+from services.hypothesizer.offline import describe, distinctive_terms, pick_keywords
+
+KEYWORDS_PER_LABEL = 4
+
+
+def other_role(role: str) -> str:
+    return "base" if role == "intervention" else "intervention"
+
+
+class HypothesizerService(Service):
+    name: ClassVar[str] = "hypothesizer"
+    consumes = (CandidateCluster,)
+
+    async def setup(self) -> None:
+        self.llm = None
+        hc = self.cfg.hypothesizer
+        if hc.labeler == "llm" and hc.llm is not None:
+            from services.llm.factory import make_llm_client
+            from services.llm.client import RedisBudget  # noqa: F401 - validated at start-up
+
+            self.redis = self.ctx.redis()
+            self.llm = make_llm_client(hc.llm, redis=self.redis, namespace=self.cfg.cache.namespace,
+                                       budget=self._budget())
+        self.m_hyp = self.metrics.counter("hypotheses_total", "Hypotheses proposed", ["labeler", "kind"])
+
+    def _budget(self):  # noqa: ANN202 - lazily imported type
+        from services.llm.client import RedisBudget
+
+        return RedisBudget(self.redis, namespace=self.cfg.cache.namespace,
+                           experiment_id=self.ctx.experiment_id, limit_usd=self.cfg.experiment.budget_usd)
+
+    async def handle(self, batch: list[Incoming]) -> None:
+        for item in batch:
+            cand = item.event
+            assert isinstance(cand, CandidateCluster)
+            for hyp in await self.hypotheses_for(cand):
+                await self.emit(hyp)
+                self.m_hyp.labels(hyp.labeler, hyp.kind).inc()
+
+    async def hypotheses_for(self, cand: CandidateCluster) -> list[Hypothesis]:
+        target = [t.text for t in cand.label_texts if t.role == cand.direction]
+        contrast = [t.text for t in cand.label_texts if t.role != cand.direction]
+        terms = distinctive_terms(target, contrast)
+        out: list[Hypothesis] = []
+        used: set[str] = set()
+        n = self.cfg.hypothesizer.labels_per_cluster
+        previous: list[str] = []
+        for i in range(n):
+            keywords = pick_keywords(terms, KEYWORDS_PER_LABEL, exclude=used)
+            if not keywords and i > 0:
+                break
+            used |= set(keywords)
+            text, labeler = await self._label(cand, target, contrast, keywords, previous)
+            previous.append(text)
+            out.append(self._hypothesis(cand, i, text, labeler, keywords, "contrastive"))
+        if self.cfg.hypothesizer.templated:
+            out.append(self._hypothesis(cand, 0, self._templated_text(cand, terms), "template:share",
+                                        pick_keywords(terms, KEYWORDS_PER_LABEL), "templated"))
+        return out
+
+    async def _label(self, cand: CandidateCluster, target: list[str], contrast: list[str],
+                     keywords: list[str], previous: list[str]) -> tuple[str, str]:
+        if self.llm is not None:
+            from services.llm.client import LLMError
+            from services.llm.prompts import contrastive_label_prompt
+
+            k = self.cfg.hypothesizer.texts_per_side
+            try:
+                resp = await self.llm.complete(contrastive_label_prompt(target[:k], contrast[:k], previous),
+                                               purpose="label")
+                return resp.text.strip(), f"llm:{self.cfg.hypothesizer.llm.provider}:{resp.model}"
+            except LLMError as exc:
+                self.log.warning("LLM labeler failed; using the offline labeler",
+                                 extra={"candidate": cand.candidate_id, "error": type(exc).__name__})
+        example = next((t for t in target if any(k.split()[0] in t.lower() for k in keywords)), None)
+        return describe(cand.direction, other_role(cand.direction), keywords, example), "offline:log-odds"
+
+    def _templated_text(self, cand: CandidateCluster, terms: list) -> str:
+        n = cand.count_base + cand.count_intervention
+        share = cand.count_intervention / n if n else 0.5
+        p_dir = share if cand.direction == "intervention" else 1 - share
+        ratio = p_dir / max(1 - p_dir, 1e-9)
+        theme = ", ".join(t.term for t in terms[:3]) or f"cluster {cand.cluster_id}"
+        return (f"The {cand.direction} model is {ratio:.1f}x as likely as the {other_role(cand.direction)} "
+                f"model to write texts like cluster {cand.cluster_id} ({theme}): {p_dir:.0%} of its "
+                f"{n} texts vs 50% expected with no difference.")
+
+    def _hypothesis(self, cand: CandidateCluster, index: int, text: str, labeler: str, keywords: list[str],
+                    kind: str) -> Hypothesis:
+        n = cand.count_base + cand.count_intervention
+        return Hypothesis(
+            experiment_id=cand.experiment_id,
+            hypothesis_id=stable_id(cand.candidate_id, kind, labeler.split(":")[0], index),
+            candidate_id=cand.candidate_id, cluster_id=cand.cluster_id, direction=cand.direction, text=text,
+            kind=kind, labeler=labeler, keywords=keywords,
+            label_text_ids=[t.text_id for t in cand.label_texts], holdout_texts=cand.holdout_texts,
+            cluster_evidence={
+                "count_base": cand.count_base, "count_intervention": cand.count_intervention,
+                "share_intervention": cand.share_intervention, "share_ci_low": cand.share_ci[0],
+                "share_ci_high": cand.share_ci[1], "share_diff": cand.share_intervention - 0.5,
+                "e_value": cand.e_value, "log_e_value": math.log(max(cand.e_value, 1e-300)),
+                "alpha_spent": cand.alpha_spent, "n": n,
+            },
+        )
+
+    async def teardown(self) -> None:
+        if self.llm is not None:
+            await self.llm.aclose()

@@ -1,0 +1,31 @@
+"""Build an ``LLMClient`` (and its budget) from config, so services never wire providers by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.core.config import LLMConfig
+from services.llm.client import Budget, CallRecorder, InProcessBudget, LLMClient, RedisBudget, ResponseCache
+from services.llm.providers import PROVIDERS
+
+DEFAULT_CACHE_TTL_S = 30 * 24 * 3600  # like CacheConfig.ttl_s: a month, then re-ask
+
+
+def make_llm_client(cfg: LLMConfig, *, redis: Any = None, namespace: str = "ai", budget: Budget | None = None,
+                    recorder: CallRecorder | None = None,
+                    cache_ttl_s: int | None = DEFAULT_CACHE_TTL_S) -> LLMClient:
+    """A client for ``cfg.provider``; ``redis`` (a ``redis.asyncio.Redis``) enables the response cache.
+
+    Raises ``MissingAPIKey`` for Anthropic/Gemini when no key is in the environment.
+    """
+    provider = PROVIDERS[cfg.provider](cfg)
+    cache = ResponseCache(redis, namespace, ttl_s=cache_ttl_s) if redis is not None else None
+    return LLMClient(provider, cfg, cache=cache, budget=budget, recorder=recorder)
+
+
+def make_budget(limit_usd: float, *, redis: Any = None, namespace: str = "ai",
+                experiment_id: str = "default") -> Budget:
+    """A Redis budget shared by all replicas of the experiment, or an in-process one without Redis."""
+    if redis is None:
+        return InProcessBudget(limit_usd)
+    return RedisBudget(redis, namespace, experiment_id, limit_usd)

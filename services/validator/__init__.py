@@ -1,0 +1,3 @@
+from services.validator.service import ValidatorService
+
+__all__ = ["ValidatorService"]

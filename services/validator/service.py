@@ -1,0 +1,206 @@
+"""Validator service: one cascade tier per instance.
+
+Tier 0 consumes ``hypotheses``; tier k>0 consumes ``escalations.<tier name>``.  A tier scores the
+hypothesis' held-out texts (never the texts its labeler saw), tests AUC > 0.5 with a Mann-Whitney
+p-value, and decides by the AUC's confidence interval against ``validator.min_auc``:
+
+- validated: p <= the tier's online-FDR level and the interval lies above min_auc;
+- rejected: the interval lies below min_auc;
+- escalated: the interval straddles min_auc and a later tier exists (the last tier decides by the
+  point estimate).
+
+Error control: each tier runs LORD++ at alpha / n_tiers over the stream of hypotheses it tests
+(FDR <= alpha/n_tiers per tier under independence; summed over tiers <= alpha).  A finding also
+needs its cluster's share test to have passed (the candidate exists only then), so under "no
+difference" the chance of any validated finding is at most the clusterer's alpha.  LORD++ state
+and every decision live in Redis, so a re-delivered hypothesis gets the same decision and never
+spends alpha twice.  Templated share hypotheses are decided by the clusterer's anytime-valid
+e-value: p = min(1, 1/e) at the level the cluster was tested at.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import orjson
+from aiokafka import ConsumerRecord
+
+from services.core.bus import ESCALATION_PREFIX
+from services.core.events import Event, Hypothesis, Validation, stable_id
+from services.core.runtime import Incoming, Service, ServiceContext
+from services.stats.auc import auc_test
+from services.stats.fdr import LordPlusPlus
+from services.validator.tiers import EmbeddingTier, KeywordTier, LLMTier, ProbeTier, Tier, TierScores, split_holdout
+
+MIN_PER_SIDE = 5
+
+
+class ValidatorService(Service):
+    name: ClassVar[str] = "validator"
+    consumes = (Hypothesis,)
+
+    def __init__(self, ctx: ServiceContext, tier_index: int = 0) -> None:
+        self.tier_index = tier_index
+        self.tier_cfg = ctx.cfg.validator.tiers[tier_index]
+        super().__init__(ctx)
+        self.health.service = f"validator-{self.tier_cfg.name}"
+
+    @property
+    def n_tiers(self) -> int:
+        return len(self.cfg.validator.tiers)
+
+    @property
+    def is_last(self) -> bool:
+        return self.tier_index == self.n_tiers - 1
+
+    def group_id(self) -> str:
+        return f"{super().group_id()}.{self.tier_cfg.name}"
+
+    def input_topics(self) -> list[str]:
+        if self.tier_index == 0:
+            return [self.ctx.topics.name(Hypothesis.topic)]
+        return [self.ctx.topics.name(ESCALATION_PREFIX + self.tier_cfg.name)]
+
+    def decode(self, record: ConsumerRecord) -> Event:
+        return Hypothesis.from_bytes(record.value)
+
+    async def setup(self) -> None:
+        self.redis = self.ctx.redis()
+        ns, exp, tier = self.cfg.cache.namespace, self.ctx.experiment_id, self.tier_cfg.name
+        self.k_lord = f"{ns}:lord:{exp}:{tier}"
+        self.k_decided = f"{ns}:decided:{exp}:{tier}"
+        self.tier = await self._make_tier()
+        self.m_dec = self.metrics.counter("validator_decisions_total", "Decisions per tier", ["tier", "decision"])
+        self.m_calls = self.metrics.counter("validator_scorer_calls_total", "Scorer calls (LLM calls for LLM tiers)",
+                                            ["tier"])
+        self.m_cost = self.metrics.counter("validator_cost_usd_total", "Estimated spend", ["tier"])
+
+    async def _make_tier(self) -> Tier:
+        c = self.tier_cfg
+        if c.kind == "keyword":
+            return KeywordTier(c)
+        if c.kind in ("embedding", "probe"):
+            from services.embedder.service import make_cache, make_encoder
+
+            encoder = await make_encoder(self.cfg.embedder)
+            cache = make_cache(self.cfg, self.redis)
+            return EmbeddingTier(c, encoder, cache) if c.kind == "embedding" else ProbeTier(c, encoder, cache)
+        if c.kind == "llm":
+            from services.llm.client import RedisBudget
+            from services.llm.factory import make_llm_client
+
+            budget = RedisBudget(self.redis, namespace=self.cfg.cache.namespace,
+                                 experiment_id=self.ctx.experiment_id, limit_usd=self.cfg.experiment.budget_usd)
+            return LLMTier(c, make_llm_client(c.llm, redis=self.redis, namespace=self.cfg.cache.namespace,
+                                              budget=budget))
+        raise ValueError(f"validator tier {c.name!r}: kind {c.kind!r} is not available in this build")
+
+    async def handle(self, batch: list[Incoming]) -> None:
+        for item in batch:
+            h = item.event
+            assert isinstance(h, Hypothesis)
+            v = await self._decide_once(h)
+            await self.emit(v)
+            if v.decision == "escalated":
+                nxt = self.cfg.validator.tiers[self.tier_index + 1].name
+                await self.emit(h, topic=ESCALATION_PREFIX + nxt)
+
+    async def _decide_once(self, h: Hypothesis) -> Validation:
+        """Idempotent: a hypothesis decided before gets its stored decision back."""
+        stored = await self.redis.hget(self.k_decided, h.hypothesis_id)
+        if stored is not None:
+            return Validation.model_validate(orjson.loads(stored))
+        if h.kind == "templated":
+            v = self.decide(h, None, None)
+        else:
+            scores = await self._score(h)
+            async with self.redis.lock(self.k_lord + ":lock", timeout=30, blocking_timeout=60):
+                stored = await self.redis.hget(self.k_decided, h.hypothesis_id)
+                if stored is not None:
+                    return Validation.model_validate(orjson.loads(stored))
+                raw = await self.redis.get(self.k_lord)
+                lord = LordPlusPlus.from_dict(orjson.loads(raw)) if raw else self.new_lord()
+                v = self.decide(h, scores, lord)
+                await self.redis.set(self.k_lord, orjson.dumps(lord.to_dict()))
+                await self.redis.hset(self.k_decided, h.hypothesis_id, v.to_bytes())
+            return self._count(v, scores)
+        await self.redis.hset(self.k_decided, h.hypothesis_id, v.to_bytes())
+        return self._count(v, None)
+
+    def new_lord(self) -> LordPlusPlus:
+        """This tier's online-FDR rule in its initial state: LORD++ at alpha / n_tiers."""
+        return LordPlusPlus(self.cfg.validator.alpha / self.n_tiers)
+
+    def decide(self, h: Hypothesis, scores: TierScores | None, lord: LordPlusPlus | None) -> Validation:
+        """The pure decision, no I/O: the share test for templated hypotheses, else AUC + LORD++.
+
+        ``lord`` is advanced in place.  Shared with the in-process harness (services/harness.py),
+        so statistics tests exercise exactly the service's decision code.
+        """
+        if h.kind == "templated":
+            return self._share_decision(h)
+        if scores is None or lord is None:
+            raise ValueError("a contrastive hypothesis needs tier scores and the tier's LORD++ state")
+        return self._auc_decision(h, scores, lord)
+
+    def _count(self, v: Validation, scores: TierScores | None) -> Validation:
+        self.m_dec.labels(self.tier_cfg.name, v.decision).inc()
+        if scores is not None:
+            self.m_calls.labels(self.tier_cfg.name).inc(scores.calls)
+            self.m_cost.labels(self.tier_cfg.name).inc(scores.cost_usd)
+        return v
+
+    async def _score(self, h: Hypothesis) -> TierScores:
+        pos, neg = split_holdout(h, self.tier_cfg.max_texts)
+        return await self.tier.score(h, pos, neg)
+
+    def _base(self, h: Hypothesis, **kw: object) -> Validation:
+        fields: dict[str, object] = {"tier": self.tier_cfg.name, **kw}  # kw may name another tier
+        return Validation(experiment_id=h.experiment_id,
+                          validation_id=stable_id(h.hypothesis_id, self.tier_cfg.name),
+                          hypothesis_id=h.hypothesis_id, tier_index=self.tier_index, hypothesis=h, **fields)
+
+    def _share_decision(self, h: Hypothesis) -> Validation:
+        ev = h.cluster_evidence
+        log_e = float(ev.get("log_e_value", 0.0))
+        p = math.exp(-log_e) if log_e > 0 else 1.0
+        level = float(ev.get("alpha_spent", 0.0))
+        decision = "validated" if p <= level else "rejected"
+        return self._base(h, tier="share-test", decision=decision, auc=None, auc_ci=None,
+                          p_value=p, alpha_level=level, n_pos=int(ev.get("count_intervention", 0)),
+                          n_neg=int(ev.get("count_base", 0)), effect=_share_effect(ev))
+
+    def _auc_decision(self, h: Hypothesis, s: TierScores, lord: LordPlusPlus) -> Validation:
+        min_auc = self.cfg.validator.min_auc
+        band = self.tier_cfg.escalate_band
+        if min(len(s.pos), len(s.neg)) < MIN_PER_SIDE:
+            decision = "escalated" if not self.is_last else "rejected"
+            return self._base(h, decision=decision, auc=0.5, auc_ci=(0.0, 1.0), p_value=1.0, alpha_level=0.0,
+                              n_pos=len(s.pos), n_neg=len(s.neg), calls=s.calls, cost_usd=s.cost_usd,
+                              effect={**_share_effect(h.cluster_evidence), "too_few_texts": 1.0})
+        res = auc_test(s.pos, s.neg)
+        rejected_null, level = lord.record(res.p_value)
+        if rejected_null and res.ci_low >= min_auc + band:
+            decision = "validated"
+        elif res.ci_high < min_auc - band:
+            decision = "rejected"
+        elif not self.is_last:
+            decision = "escalated"
+        else:
+            decision = "validated" if rejected_null and res.auc >= min_auc else "rejected"
+        effect = {**_share_effect(h.cluster_evidence), "dropped_unparsed": float(s.dropped), **s.notes}
+        return self._base(h, decision=decision, auc=res.auc, auc_ci=(res.ci_low, res.ci_high),
+                          p_value=res.p_value, alpha_level=level, n_pos=res.n_pos, n_neg=res.n_neg,
+                          calls=s.calls, cost_usd=s.cost_usd, effect=effect)
+
+    async def teardown(self) -> None:
+        if getattr(self, "tier", None) is not None:
+            await self.tier.aclose()
+        if getattr(self, "redis", None) is not None:
+            await self.redis.aclose()
+
+
+def _share_effect(ev: dict[str, float]) -> dict[str, float]:
+    keys = ("share_intervention", "share_ci_low", "share_ci_high", "share_diff", "log_e_value", "n")
+    return {k: float(ev[k]) for k in keys if k in ev}

@@ -1,0 +1,380 @@
+"""The online clusterer's core: exact restore, dedupe, growth, uncertainty and the divergence test.
+
+Streams are synthetic unit vectors from a Gaussian mixture (fixed seeds), small enough that the
+whole file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from services.clusterer.engines import MiniBatchEngine, RiverEngine
+from services.clusterer.state import (
+    ClusterState,
+    IngestResult,
+    decode_vectors,
+    is_label_split,
+    reservoir_slots,
+)
+from services.core.config import ClustererConfig
+from services.core.events import EmbeddedText
+
+ROLES = np.array(["base", "intervention"])
+
+
+def unit(X: np.ndarray) -> np.ndarray:
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def mixture(rng: np.random.Generator, n: int, centres: np.ndarray, weights: np.ndarray | None = None,
+            noise: float = 0.04) -> tuple[np.ndarray, np.ndarray]:
+    """n unit vectors around the given centres; returns (X, blob index)."""
+    blob = rng.choice(len(centres), size=n, p=weights)
+    X = unit(centres[blob] + noise * rng.normal(size=(n, centres.shape[1])))
+    return X.astype(np.float32), blob
+
+
+def random_centres(rng: np.random.Generator, k: int, d: int) -> np.ndarray:
+    return unit(rng.normal(size=(k, d)))
+
+
+def text_ids(rng: np.random.Generator, n: int) -> list[str]:
+    return [f"{int(a):016x}{i:016x}" for i, a in enumerate(rng.integers(0, 2**64, size=n, dtype=np.uint64))]
+
+
+def feed(state: ClusterState, X: np.ndarray, roles: np.ndarray, ids: list[str], batch: int,
+         start: int = 0, stop: int | None = None) -> list[IngestResult]:
+    stop = len(ids) if stop is None else stop
+    out = []
+    for s in range(start, stop, batch):
+        e = min(stop, s + batch)
+        out.append(state.ingest_arrays(ids[s:e], [f"p{i // 2}" for i in range(s, e)], roles[s:e].tolist(),
+                                       [f"text {i}" for i in range(s, e)], X[s:e]))
+    return out
+
+
+def small_cfg(**kw: object) -> ClustererConfig:
+    base = dict(k_initial=4, k_max=12, warmup=200, batch_size=64, split_every=500, split_min_size=150,
+                reservoir_size=20, vector_reservoir_size=32, min_cluster_texts=30)
+    base.update(kw)
+    return ClustererConfig(**base)
+
+
+def null_stream(seed: int, n: int, d: int = 32, k: int = 8) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    X, _ = mixture(rng, n, random_centres(rng, k, d))
+    return X, ROLES[(rng.random(n) < 0.5).astype(int)], text_ids(rng, n)
+
+
+# ----------------------------------------------------------------------------- restore and dedupe
+
+
+@pytest.mark.parametrize(("engine", "n", "cut"), [("minibatch", 4000, 150), ("minibatch", 4000, 1733),
+                                                   ("river", 1200, 700)])
+def test_restore_midstream_equals_uninterrupted(engine: str, n: int, cut: int) -> None:
+    cfg = small_cfg(engine=engine)
+    X, roles, ids = null_stream(1, n)
+    whole = ClusterState(cfg, "exp")
+    feed(whole, X, roles, ids, batch=100)
+
+    first = ClusterState(cfg, "exp")
+    feed(first, X, roles, ids, batch=100, stop=cut)
+    first.snapshot()  # snapshots must not disturb what is counted
+    resumed = ClusterState.from_bytes(first.to_bytes(), cfg)
+    feed(resumed, X, roles, ids, batch=37, start=cut)  # a restored consumer sees other deliveries
+
+    assert resumed.own_counts() == whole.own_counts()
+    assert resumed.counts() == whole.counts()
+    assert resumed.engine.ids == whole.engine.ids and resumed.engine.retired == whole.engine.retired
+    np.testing.assert_allclose(resumed.engine.centroids, whole.engine.centroids, rtol=0, atol=1e-6)
+    assert [resumed.cluster_of(t) for t in ids[::97]] == [whole.cluster_of(t) for t in ids[::97]]
+    assert resumed._text_res == whole._text_res and resumed._glob_res == whole._glob_res
+    assert sum(a + b for a, b in resumed.counts().values()) == n
+
+
+def test_redelivered_events_count_once() -> None:
+    cfg = small_cfg()
+    X, roles, ids = null_stream(2, 1500)
+    ref = ClusterState(cfg, "exp")
+    feed(ref, X, roles, ids, batch=100)
+
+    st = ClusterState(cfg, "exp")
+    items = [EmbeddedText(experiment_id="exp", text_id=t, role=r, prompt_id=f"p{i // 2}", text=f"text {i}",
+                          embedding_model="m", dim=X.shape[1], dtype="float32",
+                          vector_b64=EmbeddedText.encode_vector(x, "float32"))
+             for i, (t, r, x) in enumerate(zip(ids, roles.tolist(), X, strict=True))]
+    dups = 0
+    for s in range(0, len(items), 100):  # every batch re-delivers the previous one (at-least-once)
+        res = st.ingest(items[max(0, s - 100): s + 100] + items[s: s + 10])
+        dups += res.n_duplicates
+    assert dups == sum(min(100, s) + 10 for s in range(0, len(items), 100))
+    assert st.ingest(items).n_new == 0
+    assert st.own_counts() == ref.own_counts()
+    assert st.snapshot().n_seen == len(items)
+
+
+# ----------------------------------------------------------------------------- growth
+
+
+def test_growth_keeps_ids_unique_and_conserves_counts() -> None:
+    cfg = small_cfg(k_initial=3, k_max=10)
+    X, roles, ids = null_stream(3, 5000, k=10)
+    st = ClusterState(cfg, "exp")
+    feed(st, X, roles, ids, batch=250)
+    eng = st.engine
+    active, retired = eng.ids, eng.retired
+    assert len(active) == 10 and len(retired) == 7  # every split: one retired, two new
+    assert len(set(active)) == len(active) and not set(active) & set(retired)
+    assert sorted(active + retired) == list(range(eng.n_created))  # ids are never reused
+    for cid in active + retired:
+        parent = eng.parents[cid]
+        assert (parent is None) == (cid < cfg.k_initial)
+        assert parent is None or (parent in retired and parent < cid)
+    counts = st.counts()
+    assert sum(b for b, _ in counts.values()) == int((roles == "base").sum())
+    assert sum(i for _, i in counts.values()) == int((roles == "intervention").sum())
+    own = st.own_counts()
+    for parent in retired:  # each split conserves the parent's total per role in its children
+        kids = [c for c in eng.parents if eng.parents[c] == parent]
+        carried = st._inherited[kids].sum(axis=0)
+        assert carried.tolist() == (st._own[parent] + st._inherited[parent]).tolist()
+    assert sum(a + b for a, b in own.values()) == len(ids)  # each text counted once, at arrival
+
+
+def test_engine_split_moves_learning_counts() -> None:
+    rng = np.random.default_rng(4)
+    X, _ = mixture(rng, 600, random_centres(rng, 3, 16))
+    eng = MiniBatchEngine(k_initial=2, seed=0)
+    eng.partial_fit(X[:300])
+    eng.partial_fit(X[300:])
+    before = int(eng.counts.sum())
+    target = eng.ids[int(np.argmax(eng.counts))]
+    members = X[eng.assign(X)[0] == target]
+    a, b = eng.split(target, members)
+    assert (a, b) == (2, 3) and eng.ids == [c for c in [0, 1] if c != target] + [2, 3]
+    assert int(eng.counts.sum()) == before and eng.parents[a] == eng.parents[b] == target
+    labels, margin = eng.assign(X)
+    assert set(np.unique(labels)) <= set(eng.ids) and (margin >= 0).all()
+
+
+def test_river_engine_learns_and_splits() -> None:
+    rng = np.random.default_rng(5)
+    centres = random_centres(rng, 3, 16)
+    X, blob = mixture(rng, 400, centres)
+    eng = RiverEngine(k_initial=3, seed=0)
+    eng.fit_initial(X[:200])
+    eng.observe(X[200:])
+    labels, _ = eng.assign(X)
+    purity = sum(np.bincount(blob[labels == c]).max() for c in np.unique(labels)) / len(X)
+    assert purity > 0.9  # well-separated blobs: the river engine must find them
+    a, b = eng.split(eng.ids[0], X[labels == eng.ids[0]])
+    assert eng.ids[-2:] == [a, b] == [3, 4]
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def kinds(results: list[IngestResult], kind: str) -> list:
+    return [u for r in results for u in r.uncertainty if u.kind == kind]
+
+
+def test_boundary_fires_between_two_close_blobs_only() -> None:
+    rng = np.random.default_rng(6)
+    d = 32
+    far = random_centres(rng, 2, d)
+    close = unit(far[0] + 0.06 * unit(rng.normal(size=(1, d))))
+    centres = np.vstack([far, close])
+    X, blob = mixture(rng, 3000, centres, noise=0.01)
+    roles = ROLES[(rng.random(len(X)) < 0.5).astype(int)]
+    ids = text_ids(rng, len(X))
+    cfg = small_cfg(k_initial=3, k_max=3, boundary_margin=0.03, uncertainty_every=500)
+    st = ClusterState(cfg, "exp")
+    events = kinds(feed(st, X, roles, ids, batch=100), "boundary")
+    pair = {st.cluster_of(ids[int(np.flatnonzero(blob == b)[-1])]) for b in (0, 2)}
+    lone = st.cluster_of(ids[int(np.flatnonzero(blob == 1)[-1])])
+    assert len(pair) == 2 and lone not in pair
+    assert events and all(set(e.cluster_ids) == pair for e in events)
+    assert all(len(e.exemplars) > 0 and e.exemplars[0].prompt_id for e in events)
+    # rate limit: one (boundary, cluster) per uncertainty_every texts, 2 clusters, 3000 texts
+    assert len(events) <= 2 * (3000 // 500 + 1)
+
+
+def test_undersampled_cluster_is_flagged() -> None:
+    rng = np.random.default_rng(7)
+    centres = random_centres(rng, 4, 32)
+    X, blob = mixture(rng, 3000, centres, weights=np.array([0.33, 0.33, 0.32, 0.02]))
+    roles = ROLES[(rng.random(len(X)) < 0.5).astype(int)]
+    ids = text_ids(rng, len(X))
+    st = ClusterState(small_cfg(k_initial=4, k_max=4), "exp")
+    events = kinds(feed(st, X, roles, ids, batch=100), "undersampled")
+    small = st.cluster_of(ids[int(np.flatnonzero(blob == 3)[-1])])
+    assert {e.cluster_ids[0] for e in events} == {small}
+
+
+def test_drift_fires_when_share_jumps() -> None:
+    rng = np.random.default_rng(8)
+    centres = random_centres(rng, 4, 32)
+    n, change = 8000, 4000
+    X, blob = mixture(rng, n, centres)
+    p = np.where((blob == 0) & (np.arange(n) >= change), 0.9, 0.5)
+    roles = ROLES[(rng.random(n) < p).astype(int)]
+    ids = text_ids(rng, n)
+    st = ClusterState(small_cfg(k_initial=4, k_max=4), "exp")
+    results = feed(st, X, roles, ids, batch=200)
+    target = st.cluster_of(ids[int(np.flatnonzero(blob == 0)[-1])])
+    first = [i for i, r in enumerate(results) if any(u.kind == "drift" and u.cluster_ids == [target]
+                                                     for u in r.uncertainty)]
+    assert first and first[0] * 200 >= change  # detected, and not before the change
+    assert first[0] * 200 < change + 2000  # ~500 texts of the cluster after the jump suffice
+
+
+def test_unresolved_share_asks_for_more_samples() -> None:
+    rng = np.random.default_rng(9)
+    centres = random_centres(rng, 4, 32)
+    X, blob = mixture(rng, 1200, centres)
+    roles = ROLES[(rng.random(len(X)) < np.where(blob == 1, 0.7, 0.5)).astype(int)]
+    ids = text_ids(rng, len(X))
+    st = ClusterState(small_cfg(k_initial=4, k_max=4, warmup=100), "exp")
+    events = kinds(feed(st, X, roles, ids, batch=50, stop=400), "unresolved_share")
+    target = st.cluster_of(ids[int(np.flatnonzero(blob[:400] == 1)[-1])])
+    assert target in {e.cluster_ids[0] for e in events}
+
+
+# ----------------------------------------------------------------------------- divergence test
+
+
+def test_planted_cluster_becomes_candidate_with_disjoint_splits() -> None:
+    rng = np.random.default_rng(10)
+    k = 20
+    centres = random_centres(rng, k, 64)
+    weights = np.full(k, 0.95 / (k - 1))
+    weights[7] = 0.05
+    X, blob = mixture(rng, 8000, centres, weights=weights)
+    roles = ROLES[np.where(blob == 7, 1, (rng.random(len(X)) < 0.5)).astype(int)]
+    ids = text_ids(rng, len(X))
+    cfg = small_cfg(k_initial=20, k_max=30, warmup=600, split_every=2000, split_min_size=400)
+    st = ClusterState(cfg, "exp")
+    cands = [c for r in feed(st, X, roles, ids, batch=256) for c in r.candidates]
+    planted = {st.cluster_of(t) for t, b in zip(ids, blob, strict=True) if b == 7}
+    hits = [c for c in cands if c.cluster_id in planted]
+    assert hits and len(cands) == len(hits)  # found, and nothing else in a null background
+    c = hits[0]
+    assert c.direction == "intervention" and c.share_ci[0] > 0.5 and c.alpha_spent <= 0.05
+    label, hold = {t.text_id for t in c.label_texts}, {t.text_id for t in c.holdout_texts}
+    assert label and hold and not label & hold
+    assert all(is_label_split(t, cfg.label_fraction) for t in label)
+    assert not any(is_label_split(t, cfg.label_fraction) for t in hold)
+    n_base = sum(t.role == "base" for t in c.holdout_texts)
+    assert n_base >= sum(t.role == "intervention" for t in c.holdout_texts)  # padded negatives
+
+
+def test_null_streams_rarely_produce_candidates() -> None:
+    # Each run false-alarms with probability <= alpha = 0.05 (Ville + spending), so 3+ alarms in
+    # 20 independent runs has probability <= 7.5% even for an exact-level test; the mixture
+    # e-value is conservative, so the realised count is far lower. Seeds are fixed: deterministic.
+    cfg = small_cfg(k_initial=4, k_max=12)
+    alarms = 0
+    for seed in range(20):
+        X, roles, ids = null_stream(100 + seed, 2500)
+        st = ClusterState(cfg, f"null-{seed}")
+        alarms += any(r.candidates for r in feed(st, X, roles, ids, batch=250))
+    assert alarms <= 2
+
+
+# ----------------------------------------------------------------------------- snapshot and helpers
+
+
+def test_snapshot_reports_counts_quality_and_positions() -> None:
+    rng = np.random.default_rng(11)
+    X, _ = mixture(rng, 2000, random_centres(rng, 5, 32))
+    roles = ROLES[(rng.random(len(X)) < 0.5).astype(int)]
+    st = ClusterState(small_cfg(k_initial=5, k_max=5), "exp")
+    assert st.snapshot().clusters == []  # before the warm-up fit
+    feed(st, X, roles, text_ids(rng, len(X)), batch=200)
+    s1, s2 = st.snapshot(), st.snapshot()
+    assert (s1.seq, s2.seq) == (2, 3) and s1.engine == "minibatch"
+    assert sum(c.count_base + c.count_intervention for c in s1.clusters) == s1.n_seen == 2000
+    assert s1.quality.silhouette is not None and s1.quality.silhouette > 0.5  # well-separated blobs
+    assert s2.quality.nmi_previous == pytest.approx(1.0)  # same centroids, same assignment
+    assert all(c.share_ci[0] <= c.share_intervention <= c.share_ci[1] for c in s1.clusters)
+    assert len({c.centroid_2d for c in s1.clusters}) == 5
+    assert [c.centroid_2d for c in s1.clusters] == [c.centroid_2d for c in s2.clusters]  # stable sign
+
+
+def test_reservoir_slots_do_not_depend_on_chunking() -> None:
+    rng = np.random.default_rng(12)
+    keys, u = rng.integers(0, 3, 500), rng.random(500)
+
+    def run(cuts: list[int]) -> dict[int, list[int]]:
+        seen: dict[int, int] = {}
+        res: dict[int, list[int]] = {}
+        for a, b in itertools.pairwise(cuts):
+            keep, slots = reservoir_slots(keys[a:b], u[a:b], seen, 10)
+            for i, s in zip(keep.tolist(), slots.tolist(), strict=True):
+                items = res.setdefault(int(keys[a + i]), [])
+                if s == len(items):
+                    items.append(a + i)
+                else:
+                    items[s] = a + i
+        return res
+
+    whole = run([0, 500])
+    assert whole == run([0, 1, 17, 250, 251, 500])
+    assert all(len(v) == 10 for v in whole.values())
+    # Algorithm R keeps each item with probability 10/n_key: over 400 reps the mean inclusion of
+    # late items (second half) must be close to that of early ones (binomial sd ~ 0.01 here).
+    early = late = 0
+    for rep in range(400):
+        keep, slots = reservoir_slots(np.zeros(200, np.int64), np.random.default_rng(rep).random(200), {}, 10)
+        res: list[int] = []
+        for i, s in zip(keep.tolist(), slots.tolist(), strict=True):
+            res.append(i) if s == len(res) else res.__setitem__(s, i)
+        early += sum(i < 100 for i in res)
+        late += sum(i >= 100 for i in res)
+    assert abs(early - late) / (early + late) < 0.1
+
+
+def test_label_split_is_deterministic_and_near_fraction() -> None:
+    ids = text_ids(np.random.default_rng(13), 4000)
+    share = np.mean([is_label_split(t, 0.3) for t in ids])
+    assert abs(share - 0.3) < 0.03  # binomial sd ~0.007; 4 sd
+    assert [is_label_split(t, 0.3) for t in ids[:50]] == [is_label_split(t, 0.3) for t in ids[:50]]
+    assert is_label_split("not-hex-id", 0.3) in (True, False)
+
+
+def test_top_terms_and_exemplars_use_label_texts_only() -> None:
+    X, roles, ids = null_stream(14, 800)
+    st = ClusterState(small_cfg(k_initial=4, k_max=4), "exp")
+    feed(st, X, roles, ids, batch=200)
+    cid = st.engine.ids[0]
+    ex = st.exemplars(cid)
+    assert 0 < len(ex) <= 8 and all(is_label_split(t.text_id, st.cfg.label_fraction) for t in ex)
+    assert st.top_terms(cid, k=3)  # "text" and numbers: at least one word
+
+
+def test_batch_decode_matches_per_item_vectors() -> None:
+    X = unit(np.random.default_rng(15).normal(size=(6, 24))).astype(np.float32)
+
+    def item(i: int, dtype: str) -> EmbeddedText:
+        return EmbeddedText(experiment_id="e", text_id=f"{i:032x}", role="base", prompt_id="p", text="t",
+                            embedding_model="m", dim=24, dtype=dtype,  # type: ignore[arg-type]
+                            vector_b64=EmbeddedText.encode_vector(X[i], dtype))
+
+    same = [item(i, "float16") for i in range(6)]
+    mixed = [item(i, "float16" if i % 2 else "float32") for i in range(6)]
+    for items in (same, mixed):
+        np.testing.assert_array_equal(decode_vectors(items), np.stack([it.vector() for it in items]))
+    bad = item(0, "float16").model_copy(update={"dim": 25})
+    with pytest.raises(ValueError):
+        decode_vectors([bad, bad.model_copy()])
+
+
+def test_state_refuses_other_engine_and_short_warmup() -> None:
+    st = ClusterState(small_cfg(), "exp")
+    with pytest.raises(ValueError, match="engine"):
+        ClusterState.from_bytes(st.to_bytes(), small_cfg(engine="river"))
+    with pytest.raises(ValueError, match="warmup"):
+        ClusterState(small_cfg(k_initial=20, warmup=10), "exp")
