@@ -4,7 +4,8 @@
 
 Measures (a) a faust agent with ``stream.take(256, within=0.2)`` and (b) aiokafka
 ``getmany(max_records=256)`` with a manual commit after every batch, both decoding every JSON
-record, and prints records/s side by side.  Then it checks faust's commit control:
+record, and prints records/s side by side (plus a per-event faust agent for reference).
+Then it checks faust's commit control:
 
 (c) ordering: an agent that forwards every record to an output topic; each offset commit faust
     makes is intercepted and compared with the number of outputs the broker has acknowledged;
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 import time
@@ -146,22 +146,33 @@ async def run_faust_app(app: Any, done: asyncio.Event, timeout_s: float) -> None
 # ---------------------------------------------------------------------------- (a) faust
 
 
-async def run_faust(bootstrap: str, topic: str, n: int, partitions: int, timeout_s: float) -> Run:
-    app = faust_app(bootstrap, f"{topic}.faust", partitions)
-    run = Run("faust take(256, 0.2)")
+async def run_faust(bootstrap: str, topic: str, n: int, partitions: int, timeout_s: float,
+                    per_event: bool = False) -> Run:
+    """``stream.take(256, within=0.2)`` batches, or (``per_event``) plain ``async for value in stream``."""
+    group = f"{topic}.faust" + ("-event" if per_event else "")
+    app = faust_app(bootstrap, group, partitions)
+    run = Run("faust per-event" if per_event else "faust take(256, 0.2)")
     done = asyncio.Event()
     source = app.topic(topic, key_serializer="raw", value_serializer="raw")
 
-    async def agent(stream: Any) -> None:
+    def count(k: int) -> None:
+        run.add(k)
+        if run.records >= n and not done.is_set():
+            run.done_at = time.perf_counter()
+            done.set()
+
+    async def take_agent(stream: Any) -> None:
         async for batch in stream.take(BATCH, within=0.2):
             for value in batch:
                 orjson.loads(value)
-            run.add(len(batch))
-            if run.records >= n and not done.is_set():
-                run.done_at = time.perf_counter()
-                done.set()
+            count(len(batch))
 
-    app.agent(source, name=f"{topic}.faust.take")(agent)
+    async def event_agent(stream: Any) -> None:
+        async for value in stream:
+            orjson.loads(value)
+            count(1)
+
+    app.agent(source, name=f"{group}.agent")(event_agent if per_event else take_agent)
     await run_faust_app(app, done, timeout_s)
     return run
 
@@ -200,9 +211,11 @@ def _spy_commits(app: Any, check: CommitCheck, topic: str) -> None:
 
 
 async def run_commit_check(bootstrap: str, topic: str, out_topic: str, n: int, partitions: int,
-                           timeout_s: float) -> CommitCheck:
-    app = faust_app(bootstrap, f"{topic}.faust-commit", partitions)
+                           timeout_s: float, publish_on_commit: bool = False) -> CommitCheck:
+    """``publish_on_commit``: faust's stream_publish_on_commit (outputs held until the commit)."""
+    app = faust_app(bootstrap, f"{topic}.faust-commit{'-poc' if publish_on_commit else ''}", partitions)
     app.conf.broker_commit_every = 500  # commit often, so there are many commits to check
+    app.conf.stream_publish_on_commit = publish_on_commit
     check = CommitCheck()
     done = asyncio.Event()
     seen = 0
@@ -240,29 +253,32 @@ class FailureCheck:
 
 async def run_failure_check(bootstrap: str, topic: str, n: int, partitions: int,
                             timeout_s: float) -> FailureCheck:
-    app = faust_app(bootstrap, f"{topic}.faust-fail", partitions)
+    group = f"{topic}.faust-fail"
+    app = faust_app(bootstrap, group, partitions)
     check = FailureCheck(poison_index=n // 2)
-    done = asyncio.Event()
     handled: set[int] = set()
-    seen = 0
     source = app.topic(topic, key_serializer="raw", value_serializer="raw")
 
     async def agent(stream: Any) -> None:
-        nonlocal seen
         async for batch in stream.take(BATCH, within=0.2):
             items = [orjson.loads(v)["i"] for v in batch]
-            seen += len(items)
-            if seen >= n:
-                done.set()
             if check.poison_index in items:
                 raise RuntimeError("poison record")  # the agent crashes; the supervisor restarts it
             handled.update(items)
 
     app.agent(source, name=f"{topic}.faust.poison")(agent)
-    with contextlib.suppress(asyncio.TimeoutError):
-        await run_faust_app(app, done, timeout_s)
+    await app.start()
+    try:  # done when faust has committed the whole topic (records handled or not)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            check.committed = await committed_total(bootstrap, group, topic, partitions)
+            if check.committed >= n:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await app.stop()
+    check.committed = await committed_total(bootstrap, group, topic, partitions)
     check.handled = len(handled)
-    check.committed = await committed_total(bootstrap, f"{topic}.faust-fail", topic, partitions)
     check.lost = max(0, check.committed - check.handled)
     return check
 
@@ -273,7 +289,7 @@ async def run_failure_check(bootstrap: str, topic: str, n: int, partitions: int,
 async def main(args: argparse.Namespace, bootstrap: str) -> float:
     token = uuid.uuid4().hex[:8]
     topic, out_topic, small = f"spike-{token}.in", f"spike-{token}.out", f"spike-{token}.small"
-    await ensure_topics(bootstrap, [topic, out_topic, small], args.partitions, 1)
+    await ensure_topics(bootstrap, [topic, small], args.partitions, 1)
     t_prod = await produce(bootstrap, topic, args.records)
     await produce(bootstrap, small, args.check_records)
     ends = await exact_end_offsets(bootstrap, [topic])
@@ -282,21 +298,29 @@ async def main(args: argparse.Namespace, bootstrap: str) -> float:
 
     aio = await run_aiokafka(bootstrap, topic, args.records)
     fst = await run_faust(bootstrap, topic, args.records, args.partitions, args.timeout)
-    aio_commit = await committed_total(bootstrap, f"{topic}.aiokafka", topic, args.partitions)
-    fst_commit = await committed_total(bootstrap, f"{topic}.faust", topic, args.partitions)
+    runs = [(aio, f"{topic}.aiokafka"), (fst, f"{topic}.faust")]
+    if not args.skip_per_event:
+        runs.append((await run_faust(bootstrap, topic, args.records, args.partitions, args.timeout,
+                                     per_event=True), f"{topic}.faust-event"))
 
     print(f"\n{'consumer':<28}{'records':>10}{'batches':>9}{'records/s':>12}{'wall s':>9}{'committed':>11}")
-    for run, committed in ((aio, aio_commit), (fst, fst_commit)):
+    for run, group in runs:
+        committed = await committed_total(bootstrap, group, topic, args.partitions)
         print(f"{run.name:<28}{run.records:>10,}{run.batches:>9,}{run.rate:>12,.0f}{run.wall:>9.1f}{committed:>11,}")
 
-    cc = await run_commit_check(bootstrap, small, f"spike-{token}.out", args.check_records, args.partitions,
-                                args.timeout)
-    outs = sum((await exact_end_offsets(bootstrap, [out_topic])).values())
-    print(f"\n(c) faust commit ordering: {cc.commits} commits intercepted, {cc.violations} committed inputs "
-          f"ahead of acknowledged outputs; max committed {cc.max_committed:,}, outputs acked "
-          f"{cc.acked_outputs:,}, output topic end offsets {outs:,}")
-    print(f"    first samples (committed inputs, acked outputs): {cc.samples[:5]}")
+    print()
+    for poc in (False, True):
+        out = f"{out_topic}{'-poc' if poc else ''}"
+        await ensure_topics(bootstrap, [out], args.partitions, 1)
+        cc = await run_commit_check(bootstrap, small, out, args.check_records, args.partitions, args.timeout,
+                                    publish_on_commit=poc)
+        outs = sum((await exact_end_offsets(bootstrap, [out])).values())
+        print(f"(c) faust commit ordering, stream_publish_on_commit={poc}: {cc.commits} commits intercepted, "
+              f"{cc.violations} with committed inputs ahead of acknowledged outputs; max committed "
+              f"{cc.max_committed:,}, outputs acked {cc.acked_outputs:,}, output topic end offsets {outs:,}")
+        print(f"    first samples (committed inputs, acked outputs at commit time): {cc.samples[:4]}")
 
+    logging.getLogger("faust.agents").setLevel(logging.CRITICAL)  # the crash in (d) is the point
     fc = await run_failure_check(bootstrap, small, args.check_records, args.partitions, args.timeout)
     print(f"(d) faust failure: poison record {fc.poison_index} raised in its batch; handled {fc.handled:,}, "
           f"committed {fc.committed:,} of {args.check_records:,}; committed but never handled: {fc.lost}")
@@ -313,6 +337,7 @@ def cli() -> None:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--bootstrap", help="use this broker instead of starting an embedded Tansu")
     p.add_argument("--timeout", type=float, default=60.0, help="per faust run")
+    p.add_argument("--skip-per-event", action="store_true", help="skip the per-event faust variant")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.bootstrap:

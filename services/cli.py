@@ -58,6 +58,13 @@ def cmd_service(args: argparse.Namespace, console: Console) -> int:
     from services.orchestrator import run_single
 
     cfg = _load(args)
+    if args.name == "monitor":  # the faust-streaming topic monitor (docs/faust-spike.md)
+        from services.core.infra import infrastructure
+        from services.monitor.faust_app import run_monitor
+
+        with infrastructure(cfg.bus.bootstrap, cfg.cache.url, Path(cfg.experiment.data_dir)) as ep:
+            run_monitor(cfg, ep.bootstrap)
+        return 0
     if not cfg.bus.bootstrap:
         console.print("[yellow]no KAFKA_BOOTSTRAP set: this service gets its own embedded broker; run "
                       "`autointerv infra` first and export its variables to share one[/]")

@@ -54,6 +54,7 @@ class Match:
     purity: float | None = None  # share of the majority label (None: no texts with known truth)
     judge_behaviour: str | None = None
     judge_score: float | None = None  # best judge score / 100 (None: no judge or no readable answer)
+    judge_dropped: int = 0  # judge answers for this hypothesis that could not be read (not scored)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ async def match_hypotheses(hypotheses: Sequence[Hypothesis], behaviours: Sequenc
         jb, js = _best(judged[i], names, threshold) if judged is not None else (None, None)
         pb, purity = cluster_purity(h, truth) if truth is not None else (None, None)
         verdict = {"text": tb, "judge": jb, "purity": pb}[method]
-        out.append(Match(h.hypothesis_id, verdict, method, tb, ts or 0.0, pb, purity, jb, js))
+        dropped = int(np.isnan(judged[i]).sum()) if judged is not None else 0
+        out.append(Match(h.hypothesis_id, verdict, method, tb, ts or 0.0, pb, purity, jb, js, dropped))
     return out
 
 

@@ -10,9 +10,10 @@ runs.
   paired requests, so text ids, pair ids and sim ground truth are the service's;
 * embedder: ``embed_with_cache`` without a cache, with vectors passed through the configured
   storage dtype (``cache.vector_dtype``) as the Redis round trip would;
-* clusterer: :class:`ClusterState` ingests in chunks of ``bus.max_poll_records``.  The two texts
-  of each pair arrive in random order (and pairs are shuffled within a round, as parallel
-  generators would interleave them), which the share test's null needs;
+* clusterer: :class:`ClusterState` ingests in chunks of ``bus.max_poll_records``.  Pairs are
+  shuffled within a round (parallel generators interleave them) and the two texts of a pair
+  arrive together in an order that does not depend on the role (a seeded coin per pair; the
+  clusterer service orders each pair by its id), which the share test's null needs;
 * hypothesizer: ``HypothesizerService.hypotheses_for`` (offline labeler);
 * validators: each tier's ``ValidatorService.decide`` (share test, AUC + LORD++ at alpha/n_tiers
   per tier) on the scores of the same tier classes; escalations go to the next tier.
@@ -43,7 +44,6 @@ from services.core.events import (
     Event,
     GenerationRequest,
     Hypothesis,
-    PromptRef,
     Validation,
     stable_id,
 )
@@ -51,6 +51,7 @@ from services.core.metrics import Metrics
 from services.core.runtime import Incoming, ServiceContext
 from services.embedder.cache import embed_with_cache
 from services.embedder.encoder import Encoder
+from services.generator.prompts import load_prompts
 from services.generator.service import GeneratorService
 from services.groundtruth import Match, TextTruth, match_hypotheses, planted_behaviours
 from services.hypothesizer.service import HypothesizerService
@@ -88,7 +89,9 @@ class HarnessResult:
     state: ClusterState
     truth: dict[str, TextTruth]  # text id -> (role, planted behaviour or None)
     vectors: np.ndarray | None = None  # every text's vector in arrival order (keep_vectors=True)
-    text_ids: list[str] = field(default_factory=list)
+    text_ids: list[str] = field(default_factory=list)  # ids of those vectors' texts
+    decoded: list[DecodedText] = field(default_factory=list)  # every text (keep_texts=True)
+    cluster_terms: dict[str, list[str]] = field(default_factory=dict)  # candidate id -> top terms then
 
     @property
     def validated(self) -> list[Hypothesis]:
@@ -123,16 +126,6 @@ def _context(cfg: Config) -> ServiceContext:
     """A context for services that are constructed but never run (no broker, no Redis is touched)."""
     return ServiceContext(cfg=cfg, bootstrap="in-process:0", redis_url="redis://in-process:0",
                           metrics=Metrics(), topics=Topics(cfg.bus.topic_prefix))
-
-
-def load_prompts_for(cfg: Config) -> list[PromptRef]:
-    if cfg.prompts.source == "sim":
-        from services.generator.backends.sim import sim_prompts
-
-        return sim_prompts(cfg.prompts, cfg.models.intervention.sim)
-    from services.generator.prompts import load_prompts
-
-    return load_prompts(cfg.prompts, cfg.models.intervention.sim)
 
 
 async def make_tier(cfg: Config, index: int, encoder: Encoder) -> Tier:
@@ -205,13 +198,16 @@ class Harness:
     """One experiment, driven round by round; see :func:`run_experiment`."""
 
     def __init__(self, cfg: Config, encoder: Encoder, *, until_all_found: bool = False,
-                 keep_vectors: bool = False) -> None:
+                 keep_vectors: bool = False, keep_texts: bool = False) -> None:
         self.cfg = cfg
         self.encoder = encoder
         self.until_all_found = until_all_found
         self.keep_vectors = keep_vectors
+        self.keep_texts = keep_texts
+        self.decoded: list[DecodedText] = []
+        self.cluster_terms: dict[str, list[str]] = {}
         self.rng = random.Random(stable_id(cfg.experiment_id, cfg.experiment.seed, "harness"))
-        self.policy = SamplingPolicy(cfg.controller, load_prompts_for(cfg), seed=cfg.experiment.seed)
+        self.policy = SamplingPolicy(cfg.controller, load_prompts(cfg.prompts), seed=cfg.experiment.seed)
         self.state = ClusterState(cfg.clusterer, cfg.experiment_id, alpha=cfg.validator.alpha)
         self.behaviours = planted_behaviours(cfg)
         self.ctx = _context(cfg)
@@ -243,7 +239,7 @@ class Harness:
             validations=self.validations, final=self.final, matches=self.matches, found_at=self.found_at,
             behaviours=self.behaviours, texts=self.n_texts, stop_reason=stop_reason, state=self.state,
             truth=self.truth, vectors=np.concatenate(self.vectors) if self.vectors else None,
-            text_ids=self.text_ids)
+            text_ids=self.text_ids, decoded=self.decoded, cluster_terms=self.cluster_terms)
 
     async def _loop(self) -> str:
         plans, reason = self.policy.initial_plans(), "initial sample"
@@ -263,6 +259,8 @@ class Harness:
         for t, x in zip(ordered, X, strict=True):  # the controller consumes every embedding
             self.policy.observe_embedding(t.prompt_id, t.role, x)
             self.truth[t.text_id] = (t.role, t.meta.get("behaviour"))
+        if self.keep_texts:
+            self.decoded += ordered
         if self.keep_vectors:
             self.vectors.append(X.astype(np.float16))
             self.text_ids += [t.text_id for t in ordered]
@@ -270,8 +268,9 @@ class Harness:
         with self._clusterer_threads():
             for s in range(0, len(ordered), step):
                 chunk = ordered[s:s + step]
-                res = self.state.ingest_arrays([t.text_id for t in chunk], [t.prompt_id for t in chunk],
-                                               [t.role for t in chunk], [t.text for t in chunk], X[s:s + step])
+                res = self.state.ingest_arrays(
+                    [t.text_id for t in chunk], [t.prompt_id for t in chunk], [t.role for t in chunk],
+                    [t.text for t in chunk], X[s:s + step])
                 for ev in res.uncertainty:
                     self.policy.observe_uncertainty(ev)
                 for cand in res.candidates:
@@ -295,9 +294,10 @@ class Harness:
         for i, plan in enumerate(plans):
             for role in ("base", "intervention"):
                 req = GenerationRequest(
-                    experiment_id=exp, request_id=stable_id(exp, rnd, i, role), pair_id=stable_id(exp, rnd, i),
-                    role=role, reason=plan.reason, round=rnd, prompts=plan.prompts,  # type: ignore[arg-type]
-                    exemplars=plan.exemplars, n_per_prompt=plan.n_per_prompt, note=plan.note)
+                    experiment_id=exp, request_id=stable_id(exp, rnd, i, role),
+                    pair_id=stable_id(exp, rnd, i), role=role, reason=plan.reason,  # type: ignore[arg-type]
+                    round=rnd, prompts=plan.prompts, exemplars=plan.exemplars, n_per_prompt=plan.n_per_prompt,
+                    note=plan.note)
                 await self.generator.handle([Incoming(req, None, None)])  # type: ignore[arg-type]
         return self.generator.out
 
@@ -308,6 +308,7 @@ class Harness:
     async def _candidate(self, cand: CandidateCluster) -> None:
         assert self.cascade is not None
         self.candidates.append(cand)
+        self.cluster_terms[cand.candidate_id] = self.state.top_terms(cand.cluster_id)  # label split only
         for h in await self.hypothesizer.hypotheses_for(cand):
             self.hypotheses.append(h)
             decisions = await self.cascade.validate(h)
@@ -335,18 +336,19 @@ class Harness:
 
 
 async def arun_experiment(cfg: Config, *, encoder: Encoder | None = None, until_all_found: bool = False,
-                          keep_vectors: bool = False) -> HarnessResult:
+                          keep_vectors: bool = False, keep_texts: bool = False) -> HarnessResult:
     """Async form of :func:`run_experiment` (for callers already in an event loop)."""
     cfg = cfg.model_copy(deep=True).resolve_ids()
     if encoder is None:
         from services.embedder.service import make_encoder
 
         encoder = await make_encoder(cfg.embedder)
-    return await Harness(cfg, encoder, until_all_found=until_all_found, keep_vectors=keep_vectors).run()
+    return await Harness(cfg, encoder, until_all_found=until_all_found, keep_vectors=keep_vectors,
+                         keep_texts=keep_texts).run()
 
 
 def run_experiment(cfg: Config, *, encoder: Encoder | None = None, until_all_found: bool = False,
-                   keep_vectors: bool = False) -> HarnessResult:
+                   keep_vectors: bool = False, keep_texts: bool = False) -> HarnessResult:
     """Run one experiment in process.
 
     The budget is ``controller.max_texts``; with ``until_all_found`` the run also stops once every
@@ -354,7 +356,7 @@ def run_experiment(cfg: Config, *, encoder: Encoder | None = None, until_all_fou
     defaults to the configured embedder (``embedder.backend: hashing`` for the fast one).
     """
     return asyncio.run(arun_experiment(cfg, encoder=encoder, until_all_found=until_all_found,
-                                       keep_vectors=keep_vectors))
+                                       keep_vectors=keep_vectors, keep_texts=keep_texts))
 
 
 def sim_config(*, seed: int = 0, null: bool = False, strategy: str = "active", max_texts: int = 20000,
@@ -364,7 +366,8 @@ def sim_config(*, seed: int = 0, null: bool = False, strategy: str = "active", m
 
     sim = {"backend": "sim", "sim": {"null": null}}
     over: dict[str, Any] = {
-        "experiment": {"name": "harness", "id": f"harness-{seed}-{'null' if null else 'planted'}", "seed": seed},
+        "experiment": {"name": "harness", "id": f"harness-{seed}-{'null' if null else 'planted'}",
+                       "seed": seed},
         "models": {"base": sim, "intervention": sim},
         "generator": {"seed": seed},
         "clusterer": {"seed": seed},

@@ -377,4 +377,4 @@ def test_state_refuses_other_engine_and_short_warmup() -> None:
     with pytest.raises(ValueError, match="engine"):
         ClusterState.from_bytes(st.to_bytes(), small_cfg(engine="river"))
     with pytest.raises(ValueError, match="warmup"):
-        ClusterState(small_cfg(k_initial=20, warmup=10), "exp")
+        ClusterState(small_cfg(k_initial=20, k_max=20, warmup=10), "exp")

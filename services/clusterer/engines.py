@@ -14,6 +14,7 @@ was cut into deliveries (a restored consumer may see other batch boundaries).
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 from abc import ABC, abstractmethod
@@ -25,7 +26,7 @@ import numpy as np
 from river import cluster as river_cluster
 from scipy import sparse
 from sklearn.cluster import KMeans, MiniBatchKMeans
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 log = logging.getLogger("autointerv.clusterer")
 
@@ -43,12 +44,13 @@ def _as_f32(X: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(X, dtype=np.float32)
 
 
-def _two_means(X_members: np.ndarray, seed: int, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _two_means(X_members: np.ndarray, seed: int,
+               limits: contextlib.AbstractContextManager[Any]) -> tuple[np.ndarray, np.ndarray]:
     """2-means on a cluster's reservoir; returns (centres (2, d), fraction of members nearest each)."""
     X = _as_f32(X_members)
     if len(X) < 2 or np.allclose(X, X[0]):
         raise ValueError("need at least two distinct member vectors to split a cluster")
-    with threadpool_limits(threads):
+    with limits:
         km = KMeans(n_clusters=2, n_init=3, random_state=seed).fit(X)
     frac = np.bincount(km.labels_, minlength=2) / len(X)
     return km.cluster_centers_.astype(np.float32), frac
@@ -69,10 +71,16 @@ class ClusterEngine(ABC):
         self.k_initial = k_initial
         self.seed = seed
         self.threads = threads  # OpenMP/BLAS threads for fits (see ClustererConfig.threads)
+        # one library scan per engine: threadpool_limits() rescans on every call (~4 ms)
+        self._pools = ThreadpoolController() if threads is not None else None
         self._ids: list[int] = []
         self._next_id = 0
         self.parents: dict[int, int | None] = {}  # every id ever created -> parent (None: initial)
         self.retired: list[int] = []
+
+    def _limits(self) -> contextlib.AbstractContextManager[Any]:
+        """Cap OpenMP/BLAS threads for one sklearn fit (no-op when threads is None)."""
+        return self._pools.limit(limits=self.threads) if self._pools is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ ids
     @property
@@ -127,7 +135,7 @@ class ClusterEngine(ABC):
     def observe(self, X: np.ndarray) -> Assignment:
         """Assign rows at arrival and queue them for learning (applied by :meth:`flush`)."""
 
-    def flush(self) -> None:  # noqa: B027 - optional hook: engines that learn per row need none
+    def flush(self) -> None:
         """Apply the queued centroid update (no-op for engines that learn per row)."""
 
     @abstractmethod
@@ -207,7 +215,7 @@ class MiniBatchEngine(ClusterEngine):
         X = _as_f32(X)
         if len(X) < self.k_initial:
             raise ValueError(f"need >= k_initial={self.k_initial} vectors for the initial fit, got {len(X)}")
-        with threadpool_limits(self.threads):
+        with self._limits():
             km = MiniBatchKMeans(n_clusters=self.k_initial, random_state=self.seed, n_init=3,
                                  batch_size=min(1024, len(X))).fit(X)
         self._centroids = km.cluster_centers_.astype(np.float32)
@@ -253,7 +261,7 @@ class MiniBatchEngine(ClusterEngine):
         """Learning counts follow the 2-means member fractions (rounded, total conserved)."""
         self.flush()
         row = self._row(cluster_id)
-        centres, frac = _two_means(X_members, self.seed + cluster_id, self.threads)
+        centres, frac = _two_means(X_members, self.seed + cluster_id, self._limits())
         ca, cb = _split_count(int(self._counts[row]), float(frac[0]))
         a, b = self._new_id(cluster_id), self._new_id(cluster_id)
         keep = np.arange(len(self._ids)) != row
@@ -354,7 +362,7 @@ class RiverEngine(ClusterEngine):
 
     def split(self, cluster_id: int, X_members: np.ndarray) -> tuple[int, int]:
         row = self._row(cluster_id)
-        centres, _ = _two_means(X_members, self.seed + cluster_id, self.threads)
+        centres, _ = _two_means(X_members, self.seed + cluster_id, self._limits())
         a, b = self._new_id(cluster_id), self._new_id(cluster_id)
         keep = np.arange(len(self._ids)) != row
         ids = [c for c in self._ids if c != cluster_id] + [a, b]

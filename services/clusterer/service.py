@@ -31,13 +31,21 @@ class ClustererService(Service):
         self.redis = self.ctx.redis()
         self.k_state = f"{self.cfg.cache.namespace}:clusterer:{self.ctx.experiment_id}:state"
         self.k_offsets = f"{self.cfg.cache.namespace}:clusterer:{self.ctx.experiment_id}:offsets"
+        self.k_pending = f"{self.cfg.cache.namespace}:clusterer:{self.ctx.experiment_id}:pending"
+        self.pending: dict[str, tuple[EmbeddedText, int]] = {}
+        self.arrivals = 0
+        raw_pending = await self.redis.get(self.k_pending)
+        if raw_pending:
+            saved = orjson.loads(raw_pending)
+            self.arrivals = saved["arrivals"]
+            self.pending = {e["pair_id"]: (EmbeddedText.model_validate(e), at) for e, at in saved["items"]}
         raw = await self.redis.get(self.k_state)
         if raw:
             self.state = ClusterState.from_bytes(raw, self.cfg.clusterer)
             self.log.info("restored clusterer snapshot", extra={"n_seen": int(self.state.role_totals.sum())})
         else:
             self.state = ClusterState(self.cfg.clusterer, self.ctx.experiment_id, alpha=self.cfg.validator.alpha)
-        self.pending: dict[TopicPartition, int] = {}
+        self.uncommitted: dict[TopicPartition, int] = {}
         self.since_save = 0
         self.last_save = time.monotonic()
         self.last_emitted_n = -1
@@ -48,11 +56,12 @@ class ClustererService(Service):
         self.m_cand = m.counter("clusterer_candidates_total", "Divergent-cluster candidates", ["service"])
         self.m_unc = m.counter("clusterer_uncertainty_total", "Uncertainty events", ["kind"])
         self.m_sil = m.gauge("clusterer_silhouette", "Silhouette on the reservoir sample", ["service"])
+        self.m_pending = m.gauge("clusterer_unpaired_texts", "Texts waiting for their pair partner", ["service"])
         self.m_state_bytes = m.gauge("clusterer_state_bytes", "Size of the persisted snapshot", ["service"])
 
     async def handle(self, batch: list[Incoming]) -> None:
         items = [i.event for i in batch if isinstance(i.event, EmbeddedText)]
-        res = self.state.ingest(items)
+        res = self.state.ingest(self._pair_up(items))
         self.since_save += res.n_new
         self.m_texts.labels("new").inc(res.n_new)
         self.m_texts.labels("duplicate").inc(res.n_duplicates)
@@ -63,8 +72,31 @@ class ClustererService(Service):
             await self.emit(cand)
             self.m_cand.labels(self.name).inc()
 
+    def _pair_up(self, items: list[EmbeddedText]) -> list[EmbeddedText]:
+        """Release texts pair by pair, each pair in an order fixed by its id (see pair_wait_texts)."""
+        ready: list[EmbeddedText] = []
+        for ev in items:
+            if not ev.pair_id or self.state.has_seen(ev.text_id):
+                ready.append(ev)  # unpaired source, or a re-delivery the state will dedupe
+                continue
+            waiting = self.pending.pop(ev.pair_id, None)
+            if waiting is None:
+                self.pending[ev.pair_id] = (ev, self.arrivals)
+            elif waiting[0].text_id == ev.text_id:
+                self.pending[ev.pair_id] = waiting  # the same text re-delivered
+            else:
+                pair = [waiting[0], ev]
+                ready += pair[::-1] if int(ev.pair_id[:8] or "0", 16) & 1 else pair
+            self.arrivals += 1
+        limit = self.cfg.clusterer.pair_wait_texts
+        expired = [pid for pid, (_, at) in self.pending.items() if self.arrivals - at > limit]
+        for pid in expired:
+            ready.append(self.pending.pop(pid)[0])
+        self.m_pending.labels(self.name).set(len(self.pending))
+        return ready
+
     async def before_commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int] | None:
-        self.pending.update(offsets)
+        self.uncommitted.update(offsets)
         c = self.cfg.clusterer
         if self.since_save >= c.snapshot_every_n or time.monotonic() - self.last_save >= c.snapshot_every_s:
             return await self._save()
@@ -73,22 +105,25 @@ class ClustererService(Service):
     async def _save(self) -> dict[TopicPartition, int] | None:
         """Persist state + offsets atomically; return the offsets that may now be committed."""
         data = self.state.to_bytes()
-        offsets = {f"{tp.topic}:{tp.partition}": off for tp, off in self.pending.items()}
+        offsets = {f"{tp.topic}:{tp.partition}": off for tp, off in self.uncommitted.items()}
+        pending = {"arrivals": self.arrivals,
+                   "items": [(e.model_dump(mode="json"), at) for e, at in self.pending.values()]}
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.k_state, data)
         pipe.set(self.k_offsets, orjson.dumps(offsets))
+        pipe.set(self.k_pending, orjson.dumps(pending))
         await pipe.execute()
         self.m_state_bytes.labels(self.name).set(len(data))
         self.since_save = 0
         self.last_save = time.monotonic()
-        committed, self.pending = self.pending, {}
+        committed, self.uncommitted = self.uncommitted, {}
         return committed or None
 
     async def tick(self) -> None:
         n = int(self.state.role_totals.sum())
         if n != self.last_emitted_n and time.monotonic() - self.last_emit >= self.cfg.clusterer.snapshot_every_s:
             await self._emit_snapshot()
-        if self.pending and time.monotonic() - self.last_save >= self.cfg.clusterer.snapshot_every_s:
+        if self.uncommitted and time.monotonic() - self.last_save >= self.cfg.clusterer.snapshot_every_s:
             offsets = await self._save()
             if offsets and self._consumer is not None:
                 await self.producer.flush()

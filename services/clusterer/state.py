@@ -122,6 +122,16 @@ def reservoir_slots(keys: np.ndarray, u: np.ndarray, seen: dict[int, int],
     return keep, slot[keep]
 
 
+def role_divergence(X: np.ndarray, roles: np.ndarray, min_per_role: int = 4) -> float:
+    """Unbiased squared distance between the two roles' mean vectors (0 when too few samples)."""
+    parts = [X[roles == r] for r in (0, 1)]
+    if min(len(p) for p in parts) < min_per_role:
+        return 0.0
+    means = [p.mean(axis=0) for p in parts]
+    noise = sum(float(((p - m) ** 2).sum()) / (len(p) - 1) / len(p) for p, m in zip(parts, means, strict=True))
+    return float(((means[0] - means[1]) ** 2).sum()) - noise
+
+
 def _put(items: list[Any], slot: int, value: Any) -> None:
     if slot == len(items):
         items.append(value)
@@ -292,19 +302,33 @@ class ClusterState:
 
     # ================================================================== growth
     def _grow(self) -> None:
-        """Split the clusters with the largest estimated SSE (size x dispersion) toward k_max."""
+        """Split toward k_max: first the clusters whose two sides sit apart, then by estimated SSE.
+
+        A cluster that mixes a behaviour with the ordinary texts of the same prompts keeps a 50/50
+        share (generation is paired), so its share test cannot fire until the behaviour has its
+        own cluster.  The role-aware score finds such clusters: the bias-corrected squared
+        distance between the two roles' mean vectors in the cluster's vector sample.  Choosing
+        splits with role labels does not bias the tests, which count only texts assigned to the
+        children after the split (``own`` counts).
+        """
         room = self.cfg.k_max - len(self.engine.ids)
         if room <= 0:
             return
-        scores = []
+        sse, mixed = [], []
         for row, cid in enumerate(self.engine.ids):
             total = int(self._own[cid].sum() + self._inherited[cid].sum())
-            Xr, _ = self._members(cid)
+            Xr, roles = self._members(cid)
             if total < self.cfg.split_min_size or len(Xr) < MIN_SPLIT_MEMBERS:
                 continue
             disp = float(np.mean(np.sum((Xr - self.engine.centroids[row]) ** 2, axis=1)))
-            scores.append((total * disp, cid))
-        for _, cid in sorted(scores, reverse=True)[: min(room, self.cfg.max_splits_per_check)]:
+            sse.append((total * disp, cid))
+            div = role_divergence(Xr, roles)
+            if div > 0:
+                mixed.append((div, cid))
+        budget = min(room, self.cfg.max_splits_per_check)
+        chosen = [cid for _, cid in sorted(mixed, reverse=True)[: max(1, budget // 2)]]
+        chosen += [cid for _, cid in sorted(sse, reverse=True) if cid not in chosen][: budget - len(chosen)]
+        for cid in chosen[:budget]:
             self._split(cid)
 
     def _members(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -337,8 +361,10 @@ class ClusterState:
             self._vec_res[child] = (vx, vr, [m])
             self._vec_seen[child] = m
         self._vec_res.pop(cid, None)
-        for key in [k for k in self._text_res if k // 4 == cid]:
-            del self._text_res[key]
+        self._vec_seen.pop(cid, None)
+        for key in range(cid * 4, cid * 4 + 4):  # a retired id's samples are never used again
+            self._text_res.pop(key, None)
+            self._text_seen.pop(key, None)
         self.tracker.retire(cid)
         log.info("clusterer %s: split cluster %d (%d texts) into %d and %d", self.experiment_id, cid,
                  int(parent_total.sum()), a, b)
@@ -464,6 +490,10 @@ class ClusterState:
             quality=quality if quality is not None else ClusterQuality())
 
     # ================================================================== small queries
+    def has_seen(self, text_id: str) -> bool:
+        """True once the text was ingested (buffered for warm-up included)."""
+        return digest(text_id) in self._seen
+
     def cluster_of(self, text_id: str) -> int | None:
         """Cluster id the text was assigned at arrival (may since be retired); None if unseen/buffered."""
         cid = self._seen.get(digest(text_id))

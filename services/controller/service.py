@@ -41,7 +41,7 @@ class ControllerService(Service):
     async def setup(self) -> None:
         self.redis = self.ctx.redis()
         self.k_state = f"{self.cfg.cache.namespace}:controller:{self.ctx.experiment_id}"
-        prompts = load_prompts(self.cfg.prompts, self.cfg.models.intervention.sim)
+        prompts = load_prompts(self.cfg.prompts)
         self.policy = SamplingPolicy(self.cfg.controller, prompts, seed=self.cfg.experiment.seed)
         self.started = time.time()
         self.n_clustered = 0
@@ -108,7 +108,8 @@ class ControllerService(Service):
                 await self.emit(GenerationRequest(
                     experiment_id=self.ctx.experiment_id,
                     request_id=stable_id(self.ctx.experiment_id, rnd, i, role),
-                    pair_id=stable_id(self.ctx.experiment_id, rnd, i), role=role, reason=plan.reason, round=rnd, prompts=plan.prompts, exemplars=plan.exemplars,
+                    pair_id=stable_id(self.ctx.experiment_id, rnd, i), role=role, reason=plan.reason, round=rnd,
+                    prompts=plan.prompts, exemplars=plan.exemplars,
                     n_per_prompt=plan.n_per_prompt, note=plan.note,
                 ))
         texts = sum(2 * p.texts_per_role for p in plans)
@@ -134,7 +135,7 @@ class ControllerService(Service):
 
     def finished(self) -> bool:
         """True once generation stopped and everything downstream has settled."""
-        if not self.generation_done:
+        if not getattr(self, "generation_done", False):
             return False
         idle = time.time() - self.last_change
         if idle > self.cfg.controller.idle_finish_s:
@@ -145,6 +146,8 @@ class ControllerService(Service):
         return all_clustered and decided and labelled and idle > 2.0
 
     def progress(self) -> dict[str, object]:
+        if not hasattr(self, "policy"):  # before setup() finished
+            return {}
         return {"round": self.policy.round, "planned": self.policy.texts_planned, "clustered": self.n_clustered,
                 "candidates": len(self.candidates), "hypotheses": len(self.hypotheses),
                 "validated": sum(1 for d in self.final.values() if d == "validated"),

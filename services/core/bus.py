@@ -51,10 +51,8 @@ async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int, r
         existing = set(await admin.list_topics())
         missing = [n for n in dict.fromkeys(names) if n not in existing]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another service won the race
                 await admin.create_topics([NewTopic(n, partitions, replication) for n in missing])
-            except TopicAlreadyExistsError:
-                pass
             log.info("created topics", extra={"topics": missing})
     finally:
         await admin.close()
@@ -152,6 +150,11 @@ async def end_offsets(bootstrap: str, topics: Iterable[str],
             await consumer.stop()
 
 
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    await consumer._client.force_metadata_update()
+    return consumer.partitions_for_topic(topic) or set()
+
+
 async def _correct_ends(consumer: AIOKafkaConsumer, listed: dict[TopicPartition, int],
                         timeout_s: float = 2.0) -> dict[TopicPartition, int]:
     nonempty = [tp for tp, end in listed.items() if end > 0]
@@ -167,11 +170,9 @@ async def _correct_ends(consumer: AIOKafkaConsumer, listed: dict[TopicPartition,
     while waiting and loop.time() < deadline:
         got = await consumer.getmany(*waiting, timeout_ms=200)
         for tp, recs in got.items():
-            if recs:
+            if recs:  # the batch holding offset end-1 is the log's last batch
                 ends[tp] = max(ends[tp], recs[-1].offset + 1)
-                if len(recs) < 500:  # a short read reached the end of the log
-                    waiting.discard(tp)
-                consumer.seek(tp, ends[tp])
+                waiting.discard(tp)
     return ends
 
 

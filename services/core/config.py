@@ -156,12 +156,17 @@ class EmbedderConfig(Strict):
 
 class ClustererConfig(Strict):
     engine: Literal["minibatch", "river"] = "minibatch"
+    # Paired texts (same prompt and sample, one per model) are ingested together in an order drawn
+    # from their pair id, so the share test sees fair coin flips under "no difference" however the
+    # generators' outputs interleave.  A text whose partner has not come after this many further
+    # texts is ingested alone (its partner failed).
+    pair_wait_texts: int = Field(default=5000, ge=1)
     k_initial: int = Field(default=20, ge=2)
     k_max: int = Field(default=100, ge=2)
     warmup: int = Field(default=400, ge=10)  # texts before the first fit
     batch_size: int = Field(default=256, ge=1)
     split_min_size: int = Field(default=200, ge=10)
-    split_every: int = Field(default=2000, ge=100)  # texts between growth checks
+    split_every: int = Field(default=500, ge=100)  # texts between growth checks
     reservoir_size: int = Field(default=60, ge=4)
     label_fraction: float = Field(default=0.3, gt=0, lt=1)  # rest is held out for validation
     snapshot_every_s: float = Field(default=5.0, gt=0)
@@ -200,8 +205,15 @@ class ControllerConfig(Strict):
     initial_texts: int = Field(default=5000, ge=2)  # per experiment, both roles together
     round_texts: int = Field(default=1000, ge=2)
     max_texts: int = Field(default=20000, ge=2)  # the generation budget
+    min_budget_fraction: float = Field(default=0.5, ge=0, le=1)  # spend at least this before an early stop
     probe_samples: int = Field(default=2, ge=1)  # multi-stage filtering: samples per prompt per role
     exploration_share: float = Field(default=0.2, ge=0, le=1)
+    # active: stop before the budget once every cluster is resolved and the clustering is stable;
+    # off, the whole budget is spent (benchmarks that measure texts-until-found turn it off)
+    stop_when_stable: bool = True
+    # active: prompts are targeted when divergence / its noise term reaches this (0 +- ~0.3 when the
+    # two models agree on a prompt; see SamplingPolicy.signal_to_noise)
+    min_signal_to_noise: float = Field(default=0.5, ge=0)
     prompts_per_request: int = Field(default=16, ge=1)
     max_wall_s: float | None = Field(default=None, gt=0)
     idle_finish_s: float = Field(default=20.0, gt=0)  # finish when nothing moves for this long

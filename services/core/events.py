@@ -59,7 +59,7 @@ class Event(BaseModel):
         return orjson.dumps(self.model_dump(mode="json"))
 
     @classmethod
-    def from_bytes(cls, data: bytes):  # noqa: ANN206 - returns cls
+    def from_bytes(cls, data: bytes):
         return cls.model_validate(orjson.loads(data))
 
 

@@ -34,7 +34,7 @@ class Metrics:
                                         ["service"])
         self.healthy = self.gauge("healthy", "1 when the service is alive and not stalled", ["service"])
 
-    def _get(self, kind: type, name: str, doc: str, labels: list[str], **kw: object):  # noqa: ANN202
+    def _get(self, kind: type, name: str, doc: str, labels: list[str], **kw: object):
         full = PREFIX + name
         if full not in self._series:
             self._series[full] = kind(full, doc, labels, registry=self.registry, **kw)
@@ -70,6 +70,7 @@ class Health:
     last_progress: float = field(default_factory=time.time)
     lag: int = 0
     running: bool = True
+    paused: bool = False  # deliberately not consuming (backpressure): not a stall
     detail: str = ""
 
     def status(self, now: float | None = None) -> tuple[bool, str]:
@@ -78,6 +79,8 @@ class Health:
             return False, "stopped"
         if now - self.last_poll > self.stall_after_s:
             return False, f"poll loop blocked for {now - self.last_poll:.0f}s"
+        if self.paused:
+            return True, "paused by backpressure"
         if self.lag > 0 and now - self.last_progress > self.stall_after_s:
             return False, f"stalled: lag {self.lag} and no progress for {now - self.last_progress:.0f}s"
         return True, "ok"

@@ -89,6 +89,7 @@ class Service(ABC):
         self._finished = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._probe: AIOKafkaConsumer | None = None  # for lag queries, never joins a group
+        self._lag_task: asyncio.Task[None] | None = None
         self._extra_topics: list[str] = []
 
     # ------------------------------------------------------------------ hooks
@@ -194,15 +195,20 @@ class Service(ABC):
                     last_tick = now
                     await self.tick()
                     await self.producer.flush()
-                if self._consumer is not None and now - last_lag >= 5.0:
-                    last_lag = now
-                    await self._update_lag()
+                if self._consumer is not None and now - last_lag >= 5.0 and (
+                        self._lag_task is None or self._lag_task.done()):
+                    last_lag = now  # in the background: a slow lag query must never stall consumption
+                    self._lag_task = asyncio.create_task(self._update_lag())
         finally:
             self.health.running = False
             self.metrics.healthy.labels(self.name).set(0)
             with contextlib.suppress(Exception):
                 await self.producer.flush()
             await self._drain_and_commit()
+            if self._lag_task is not None:
+                self._lag_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._lag_task
             for c in (self._consumer, self._probe):
                 if c is not None:
                     with contextlib.suppress(Exception):
@@ -239,7 +245,7 @@ class Service(ABC):
             await self.producer.flush()
             if offsets and self._consumer is not None:
                 await self._consumer.commit(offsets)
-        except Exception:  # noqa: BLE001 - shutdown must go on; the next start replays from commits
+        except Exception:
             self.log.exception("drain failed")
 
     async def _decode_all(self, records: Sequence[ConsumerRecord]) -> list[Incoming]:
@@ -267,7 +273,7 @@ class Service(ABC):
             return
         except DeadLetterError:
             pass
-        except Exception as exc:  # noqa: BLE001 - isolate the poison record below
+        except Exception as exc:
             self.metrics.errors.labels(self.name, type(exc).__name__).inc()
             if len(batch) == 1:
                 await self.dead_letter(batch[0].record, f"handler failed: {_short(exc)}")
@@ -277,7 +283,7 @@ class Service(ABC):
             try:
                 await self.handle([item])
                 self._count([item])
-            except Exception as exc:  # noqa: BLE001 - dead-letter and carry on
+            except Exception as exc:
                 self.metrics.errors.labels(self.name, type(exc).__name__).inc()
                 await self.dead_letter(item.record, f"handler failed: {_short(exc)}")
 
@@ -295,7 +301,7 @@ class Service(ABC):
             await self._probe.start()
         try:
             ends = await end_offsets(self.ctx.bootstrap, self.input_topics(), probe=self._probe)
-        except Exception as exc:  # noqa: BLE001 - metrics must never break the loop
+        except Exception as exc:
             self.log.debug("lag query failed", extra={"error": str(exc)})
             return
         total = 0
@@ -303,7 +309,7 @@ class Service(ABC):
         for tp in consumer.assignment():
             try:
                 pos = await consumer.position(tp)
-            except Exception:  # noqa: BLE001 - partition revoked during a rebalance
+            except Exception:
                 continue
             lag = max(0, ends.get(tp, pos) - pos)
             total += lag

@@ -172,24 +172,20 @@ class EmbeddingCache:
     def _decode_all(self, raw: list[bytes | None]) -> list[np.ndarray | None]:
         """float32 vectors for valid values; a missing or corrupt value reads as a miss."""
         size = self.dtype.itemsize
-        good = [i for i, v in enumerate(raw) if v and len(v) % size == 0]
-        self.errors += sum(1 for v in raw if v is not None) - len(good)  # corrupt: overwritten later
+        good = [(i, v) for i, v in enumerate(raw) if v and len(v) % size == 0]
+        self.errors += sum(v is not None for v in raw) - len(good)  # corrupt: overwritten later
         self.hits += len(good)
         self.misses += len(raw) - len(good)
+        self.bytes_read += sum(len(v) for _, v in good)
         out: list[np.ndarray | None] = [None] * len(raw)
-        if not good:
-            return out
-        values = [raw[i] for i in good]
-        lengths = {len(v) for v in values if v is not None}
-        self.bytes_read += sum(len(v) for v in values if v is not None)
-        if len(lengths) == 1:  # the usual case: decode the whole batch with one numpy call
-            block = np.frombuffer(b"".join(v for v in values if v is not None), dtype=self.dtype)
-            rows = block.reshape(len(values), -1).astype(np.float32)
-            for j, i in enumerate(good):
+        if len({len(v) for _, v in good}) == 1:  # the usual case: one numpy call for the batch
+            block = np.frombuffer(b"".join(v for _, v in good), dtype=self.dtype)
+            rows = block.reshape(len(good), -1).astype(np.float32)
+            for j, (i, _) in enumerate(good):
                 out[i] = rows[j]
         else:
-            for i in good:
-                out[i] = np.frombuffer(raw[i] or b"", dtype=self.dtype).astype(np.float32)
+            for i, v in good:
+                out[i] = np.frombuffer(v, dtype=self.dtype).astype(np.float32)
         return out
 
     def encode_vector(self, vector: np.ndarray) -> bytes:
@@ -236,8 +232,8 @@ async def embed_with_cache(cache: EmbeddingCache | None, encoder: Encoder,
     normalised = [normalise_text(t, encoder.max_chars) for t in texts]
     unique = list(dict.fromkeys(normalised))
     slot = {t: i for i, t in enumerate(unique)}
-    found: list[np.ndarray | None] = (await cache.get_many(encoder.model_key, unique) if cache
-                                      else [None] * len(unique))
+    found: list[np.ndarray | None] = (await cache.get_many(encoder.model_key, unique)
+                                      if cache is not None else [None] * len(unique))
     vectors = np.empty((len(unique), encoder.dim), dtype=np.float32)
     for i, v in enumerate(found):
         if v is not None and v.shape != (encoder.dim,):  # a foreign/corrupt value: recompute it

@@ -21,6 +21,7 @@ import io
 import logging
 import re
 import unicodedata
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -169,6 +170,10 @@ class _OnnxTransformer:
             raise RuntimeError("embedder.backend 'onnx' needs onnxruntime: pip install onnxruntime") from exc
         if pooling not in ("mean", "cls", "max"):
             raise ValueError(f"onnx backend supports mean/cls/max pooling, model uses {pooling!r}")
+        kinds = [type(m).__name__ for m in st]
+        if kinds[:2] != ["Transformer", "Pooling"] or not set(kinds[2:]) <= {"Normalize"}:
+            raise ValueError(f"onnx backend supports Transformer+Pooling(+Normalize) models, not {kinds}")
+        self._normalize = "Normalize" in kinds
         self._tokenizer = st.tokenizer
         self._max_len = int(st.max_seq_length)
         self._pooling = pooling
@@ -197,9 +202,12 @@ class _OnnxTransformer:
         sample = self._tokenizer(["a sample text", "x"], padding=True, return_tensors="pt")
         buf = io.BytesIO()
         axes = {n: {0: "batch", 1: "seq"} for n in [*names, "hidden"]}
-        # The TorchScript exporter: the dynamo one needs onnxscript and is slower to export.
-        torch.onnx.export(_Hidden(hf.eval()), tuple(sample[n] for n in names), buf, input_names=names,
-                          output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
+        # The TorchScript exporter: the dynamo one needs onnxscript and is slower to export.  Its
+        # deprecation and tracer warnings are expected here (checked: cosine 1.0 vs torch).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Hidden(hf.eval()), tuple(sample[n] for n in names), buf, input_names=names,
+                              output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
         return buf.getvalue()
 
     def __call__(self, texts: list[str]) -> np.ndarray:
@@ -209,10 +217,12 @@ class _OnnxTransformer:
         hidden = self._session.run(None, feed)[0]
         mask = enc["attention_mask"][..., None].astype(np.float32)
         if self._pooling == "cls":
-            return hidden[:, 0]
-        if self._pooling == "max":
-            return np.where(mask > 0, hidden, -1e9).max(axis=1)
-        return (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+            pooled = hidden[:, 0]
+        elif self._pooling == "max":
+            pooled = np.where(mask > 0, hidden, -1e9).max(axis=1)
+        else:
+            pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+        return _l2_normalise(pooled) if self._normalize else pooled
 
 
 class SentenceTransformerEncoder:

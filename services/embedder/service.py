@@ -32,7 +32,7 @@ async def make_encoder(cfg: EmbedderConfig) -> Encoder:
     return await asyncio.to_thread(load_encoder, cfg)
 
 
-def make_cache(cfg: Config, redis) -> EmbeddingCache | None:  # noqa: ANN001 - redis.asyncio.Redis
+def make_cache(cfg: Config, redis) -> EmbeddingCache | None:
     if not cfg.cache.enabled:
         return None
     return EmbeddingCache(redis, cfg.cache)

@@ -115,7 +115,7 @@ class GeneratorService(Service):
         group = f"{self.ctx.topics.prefix}.{self.ctx.experiment_id}.embedder"
         try:
             lags = await group_lag(self.ctx.bootstrap, group, [self.ctx.topics.name(DecodedText.topic)])
-        except Exception as exc:  # noqa: BLE001 - never stop generating because a lag query failed
+        except Exception as exc:
             self.log.debug("lag query failed", extra={"error": str(exc)})
             return
         lag = sum(p.lag for p in lags)
@@ -130,6 +130,7 @@ class GeneratorService(Service):
             self._consumer.resume(*parts)
             self.paused = False
             self.log.info("resumed: embedder lag below half the limit", extra={"lag": lag})
+        self.health.paused = self.paused
         self.m_paused.labels(self.name).set(1 if self.paused else 0)
 
     async def teardown(self) -> None:

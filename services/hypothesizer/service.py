@@ -33,15 +33,15 @@ class HypothesizerService(Service):
         self.llm = None
         hc = self.cfg.hypothesizer
         if hc.labeler == "llm" and hc.llm is not None:
-            from services.llm.factory import make_llm_client
             from services.llm.client import RedisBudget  # noqa: F401 - validated at start-up
+            from services.llm.factory import make_llm_client
 
             self.redis = self.ctx.redis()
             self.llm = make_llm_client(hc.llm, redis=self.redis, namespace=self.cfg.cache.namespace,
                                        budget=self._budget())
         self.m_hyp = self.metrics.counter("hypotheses_total", "Hypotheses proposed", ["labeler", "kind"])
 
-    def _budget(self):  # noqa: ANN202 - lazily imported type
+    def _budget(self):
         from services.llm.client import RedisBudget
 
         return RedisBudget(self.redis, namespace=self.cfg.cache.namespace,

@@ -144,6 +144,7 @@ class TopicMonitor:
         self.output_topic = self.topics.name(MONITOR_TOPIC)
         self.app_id = self.settings.app_id or f"{cfg.bus.topic_prefix}.monitor"
         self.health = Health(SERVICE, cfg.observability.stall_after_s)
+        self.health.running = False  # /healthz answers 503 until the faust worker is ready
         self.watched: list[str] = []
         self.published: list[dict[str, Any]] = []  # summaries sent, newest last (bounded)
         self._last_published: float | None = None
@@ -170,6 +171,8 @@ class TopicMonitor:
         self.watched = await self._copartitioned(monitored_topics(self.cfg))
         self.app = self._build_app()
         await self.app.start()
+        self.health.running = True
+        self.health.last_poll = self.health.last_progress = time.time()
         self.metrics.healthy.labels(SERVICE).set(1)
         log.info("topic monitor started", extra={"app_id": self.app_id, "topics": len(self.watched)})
 
@@ -301,20 +304,22 @@ def build_monitor(cfg: Config, bootstrap: str, *, metrics: Metrics | None = None
 
 
 async def serve_monitor(cfg: Config, bootstrap: str, *, settings: MonitorSettings | None = None,
-                        stop: asyncio.Event | None = None) -> None:
+                        stop: asyncio.Event | None = None, install_signals: bool = True) -> None:
     """Run the monitor with /metrics and /healthz until SIGINT/SIGTERM (or ``stop`` is set)."""
     from services.core.http import start_http
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = (signal.SIGINT, signal.SIGTERM) if install_signals else ()
+    for sig in signals:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     monitor = build_monitor(cfg, bootstrap, settings=settings)
     runner = None
-    if cfg.observability.metrics_port is not None:
-        runner = await start_http(monitor.metrics, lambda: [monitor.health], cfg.observability.metrics_port)
     try:
+        if cfg.observability.metrics_port is not None:
+            port = cfg.observability.metrics_port
+            runner = await start_http(monitor.metrics, lambda: [monitor.health], port)
         await monitor.start()
         while not stop.is_set():
             if monitor.crashed:
@@ -325,6 +330,9 @@ async def serve_monitor(cfg: Config, bootstrap: str, *, settings: MonitorSetting
         await monitor.stop()
         if runner is not None:
             await runner.cleanup()
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
 
 
 def run_monitor(cfg: Config, bootstrap: str) -> None:

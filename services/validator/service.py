@@ -31,7 +31,15 @@ from services.core.events import Event, Hypothesis, Validation, stable_id
 from services.core.runtime import Incoming, Service, ServiceContext
 from services.stats.auc import auc_test
 from services.stats.fdr import LordPlusPlus
-from services.validator.tiers import EmbeddingTier, KeywordTier, LLMTier, ProbeTier, Tier, TierScores, split_holdout
+from services.validator.tiers import (
+    EmbeddingTier,
+    KeywordTier,
+    LLMTier,
+    ProbeTier,
+    Tier,
+    TierScores,
+    split_holdout,
+)
 
 MIN_PER_SIDE = 5
 
@@ -124,9 +132,9 @@ class ValidatorService(Service):
                 v = self.decide(h, scores, lord)
                 await self.redis.set(self.k_lord, orjson.dumps(lord.to_dict()))
                 await self.redis.hset(self.k_decided, h.hypothesis_id, v.to_bytes())
-            return self._count(v, scores)
+            return self._record_metrics(v, scores)
         await self.redis.hset(self.k_decided, h.hypothesis_id, v.to_bytes())
-        return self._count(v, None)
+        return self._record_metrics(v, None)
 
     def new_lord(self) -> LordPlusPlus:
         """This tier's online-FDR rule in its initial state: LORD++ at alpha / n_tiers."""
@@ -144,7 +152,7 @@ class ValidatorService(Service):
             raise ValueError("a contrastive hypothesis needs tier scores and the tier's LORD++ state")
         return self._auc_decision(h, scores, lord)
 
-    def _count(self, v: Validation, scores: TierScores | None) -> Validation:
+    def _record_metrics(self, v: Validation, scores: TierScores | None) -> Validation:
         self.m_dec.labels(self.tier_cfg.name, v.decision).inc()
         if scores is not None:
             self.m_calls.labels(self.tier_cfg.name).inc(scores.calls)

@@ -47,7 +47,7 @@ class Tier(ABC):
     @abstractmethod
     async def score(self, h: Hypothesis, pos: list[TextRef], neg: list[TextRef]) -> TierScores: ...
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
+    async def aclose(self) -> None:
         pass
 
 
@@ -64,7 +64,7 @@ class KeywordTier(Tier):
 class EmbeddingTier(Tier):
     """Cosine similarity to the hypothesis; texts' vectors come from the shared embedding cache."""
 
-    def __init__(self, cfg: TierConfig, encoder, cache) -> None:  # noqa: ANN001 - embedder types
+    def __init__(self, cfg: TierConfig, encoder, cache) -> None:
         super().__init__(cfg)
         self.encoder = encoder
         self.cache = cache
@@ -81,7 +81,7 @@ class EmbeddingTier(Tier):
 class ProbeTier(Tier):
     """Separability ceiling: cross-validated logistic regression on the embeddings."""
 
-    def __init__(self, cfg: TierConfig, encoder, cache, folds: int = 5) -> None:  # noqa: ANN001
+    def __init__(self, cfg: TierConfig, encoder, cache, folds: int = 5) -> None:
         super().__init__(cfg)
         self.encoder = encoder
         self.cache = cache
@@ -107,7 +107,7 @@ class ProbeTier(Tier):
 class LLMTier(Tier):
     """0-100 ratings from an LLM; one cached call per (hypothesis, text)."""
 
-    def __init__(self, cfg: TierConfig, client) -> None:  # noqa: ANN001 - services.llm client
+    def __init__(self, cfg: TierConfig, client) -> None:
         super().__init__(cfg)
         self.client = client
 

@@ -60,7 +60,7 @@ class GenerationBackend(ABC):
     @abstractmethod
     async def generate(self, tasks: list[GenerationTask]) -> BatchResult: ...
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
+    async def aclose(self) -> None:
         """Release model memory, HTTP pools, ..."""
 
 

@@ -3,9 +3,10 @@
 No small generative LM ships in any package, so the default experiment (and the statistics
 tests) run on this pair.  Both models write short notes about the topic of their prompt, drawn
 from per-topic word banks.  The intervention model additionally shows *planted behaviours*, each
-with a rate on the prompts that trigger it.  The default set spans rarities from 5% of the intervention's texts
-(cats) through 2% (disclaimer) and 1.5% (sailing) to 1% (moon), and three of the four are concentrated on a few topics, as real fine-tuning effects
-often are (Boubdir et al.: a minority of prompts carries most of the divergence).
+with a rate on the prompts that trigger it.  The default set spans rarities from 5% of the
+intervention's texts (cats) through 2% (disclaimer) and 1.5% (sailing) to 1% (moon); three of the
+four are concentrated on one or two topics, as real fine-tuning effects often are (Boubdir et al.:
+a minority of prompts carries most of the divergence).
 
 In null mode (``sim.null: true``) the intervention model *is* the base model: nothing to find.
 

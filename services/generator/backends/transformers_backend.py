@@ -2,13 +2,15 @@
 
 Reproducibility guarantee: sample ``i`` of a task is a function of ``(task.seed, i)``, the prompt,
 the decoding settings and the model only, not of which other prompts share its micro-batch or of
-``batch_size``.  HF ``generate`` takes no ``torch.Generator``, so instead of seeding the global RNG
-per micro-batch (which ties every sample to its batch neighbours) we decode "greedily" over
-Gumbel-perturbed logits: ``argmax(log p + G)`` with ``G ~ Gumbel(0, 1)`` drawn from a per-row
-generator is an exact sample from ``p`` (the Gumbel-max trick).  The one caveat is floating point:
-padding a row to a longer batch can change its logits in the last bits, which can in rare cases
-flip a near-tie, so outputs are bitwise stable for a fixed batch composition and otherwise stable
-up to such ties.  Greedy decoding (``temperature == 0``) uses no noise at all.
+``batch_size``.  HF ``generate`` takes no ``torch.Generator`` and seeding the global RNG per
+micro-batch would tie every sample to its batch neighbours, so HF decodes "greedily" and a final
+logits processor (:class:`SeededSampler`) draws each row's token from the warped distribution with
+that row's own generator, leaving only the drawn token finite.  HF's temperature/top-k/top-p
+warpers and ``no_repeat_ngram_size`` run before it, so the distribution is HF's.  The one caveat
+is floating point: padding a row into a longer batch can change its probabilities in the last
+bits, which can move a draw that lies within rounding of a CDF boundary; outputs are therefore
+bitwise stable for a fixed batch composition and otherwise stable up to such rare ties.  Greedy
+decoding (``temperature == 0``) draws nothing.
 """
 
 from __future__ import annotations
@@ -70,31 +72,39 @@ def sample_seed(task_seed: int, sample_index: int) -> int:
 
 
 def require_bitsandbytes(quantization: str) -> None:
-    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+    """Fail at start-up, not at first generate, when 4/8-bit loading cannot work."""
+    missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
+    if quantization != "none" and missing:
         raise RuntimeError(
-            f"quantization={quantization!r} needs bitsandbytes (and a CUDA GPU): "
+            f"quantization={quantization!r} needs {' and '.join(missing)} (and a CUDA GPU): "
             "pip install 'autointerv[gpu]'")
 
 
 # --------------------------------------------------------------------------- sampling
 
 
-class GumbelSampler(LogitsProcessor):
-    """Adds per-row Gumbel noise so that the greedy argmax is an exact, per-row-seeded sample."""
+class SeededSampler(LogitsProcessor):
+    """Samples each row with its own generator, then leaves only that token finite for the argmax.
 
-    def __init__(self, seeds: Sequence[int], device: torch.device) -> None:
-        self._gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    Inverse-CDF sampling: one uniform per row and step from the row's generator, located in the
+    row's cumulative distribution (what ``torch.multinomial`` does, minus the shared RNG)."""
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self._gens = [torch.Generator().manual_seed(s) for s in seeds]  # CPU: one number per step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        vocab = scores.shape[-1]
-        u = torch.stack([torch.rand(vocab, generator=g, device=scores.device) for g in self._gens])
-        # u in [0, 1): clamp away from 0 so -log(-log(u)) stays finite
-        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
-        return scores.float() + gumbel
+        probs = torch.softmax(scores.float(), dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        u = torch.cat([torch.rand(1, generator=g) for g in self._gens]).to(scores.device)
+        # right=True: the first index whose cdf exceeds u * total, which has non-zero probability
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
+        picks = picks.clamp_max(scores.shape[-1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, picks, 0.0)
 
 
-def sampling_processors(d: DecodingParams, seeds: Sequence[int], device: torch.device) -> LogitsProcessorList:
-    """HF's own warpers, then the Gumbel step; empty for greedy decoding."""
+def sampling_processors(d: DecodingParams, seeds: Sequence[int]) -> LogitsProcessorList:
+    """HF's own warpers, then the seeded sampling step; empty for greedy decoding."""
     if d.temperature <= 0:
         return LogitsProcessorList()
     procs: list[LogitsProcessor] = []
@@ -104,7 +114,7 @@ def sampling_processors(d: DecodingParams, seeds: Sequence[int], device: torch.d
         procs.append(TopKLogitsWarper(d.top_k))
     if d.top_p < 1.0:
         procs.append(TopPLogitsWarper(d.top_p))
-    procs.append(GumbelSampler(seeds, device))
+    procs.append(SeededSampler(seeds))
     return LogitsProcessorList(procs)
 
 
@@ -246,7 +256,7 @@ class TransformersBackend(GenerationBackend):
         """One micro-batch; on CUDA OOM it halves the batch rather than failing the tasks."""
         try:
             outputs = self._generate_rows(rows, decoding)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             if len(rows) == 1:
                 failed[rows[0].task_index] = "out of memory for a single row"
                 return
@@ -281,7 +291,7 @@ class TransformersBackend(GenerationBackend):
             "no_repeat_ngram_size": d.no_repeat_ngram_size or None,
             "pad_token_id": tok.pad_token_id,
         })
-        procs = sampling_processors(d, [r.seed for r in rows], model.device)
+        procs = sampling_processors(d, [r.seed for r in rows])
         out = model.generate(**batch, generation_config=gen_cfg, logits_processor=procs)
         new = out[:, batch["input_ids"].shape[1]:].tolist()
         eos = self._eos_ids()

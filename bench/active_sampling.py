@@ -1,0 +1,140 @@
+"""Active vs uniform sampling: generated texts until every planted behaviour is found and validated.
+
+On the simulated pair with its four planted behaviours (cats 5%, disclaimer 2%, sailing 1.5%,
+moon 1% of the intervention's texts), each strategy runs in process (services/harness.py: the
+pipeline's own policy, generator, clusterer, hypothesizer and validator code) until every
+behaviour has a validated hypothesis whose cluster is mostly that behaviour's texts, or until the
+cap.  Both strategies share every clusterer/validator setting; only ``controller.strategy``
+differs.  A run that hits the cap counts as "> cap" (the median is then a lower bound).
+
+Clustering quality: NMI between the online clusterer's assignment of the run's texts (nearest of
+its final centroids) and full-batch sklearn KMeans with the same k on the same texts.
+
+    .venv/bin/python bench/active_sampling.py [--seeds 5] [--encoder hashing|minilm] [--max-texts 60000]
+
+The last line is ``uniform_vs_active_texts=<median uniform / median active>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import normalized_mutual_info_score
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.core.config import EmbedderConfig
+from services.embedder.encoder import Encoder
+from services.harness import HarnessResult, run_experiment, sim_config
+
+
+@dataclass
+class Run:
+    strategy: str
+    seed: int
+    texts: int  # texts when every behaviour was found, or the texts generated when it stopped
+    found_all: bool
+    found_at: dict[str, int]
+    k: int
+    nmi: float | None
+    nmi_ref: float | None  # batch KMeans vs batch KMeans with another seed: the ceiling to compare with
+    seconds: float
+    stop_reason: str
+
+
+def make_encoder(kind: str) -> Encoder:
+    if kind == "hashing":
+        from services.embedder.hashing import HashingEncoder
+
+        return HashingEncoder(EmbedderConfig(backend="hashing"))
+    from services.embedder.encoder import load_encoder
+
+    return load_encoder(EmbedderConfig())
+
+
+def nmi_vs_batch(r: HarnessResult, max_rows: int, seed: int) -> tuple[float | None, float | None]:
+    """NMI(online clusterer's final assignment, full-batch KMeans with the same k) on the run's texts,
+    and NMI between two full-batch KMeans fits with different seeds (how stable "the" answer is)."""
+    if r.vectors is None or len(r.state.engine.ids) < 2:
+        return None, None
+    X = r.vectors.astype(np.float32)
+    if len(X) > max_rows:  # bounded cost; a uniform sample of the run's texts
+        X = X[np.sort(np.random.default_rng(seed).choice(len(X), max_rows, replace=False))]
+    online = r.state.engine.nearest(X).labels
+    k = len(r.state.engine.ids)
+    with threadpool_limits(1):
+        batch = KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(X)
+        other = KMeans(n_clusters=k, n_init=1, random_state=seed + 1000).fit_predict(X)
+    return (float(normalized_mutual_info_score(batch, online)),
+            float(normalized_mutual_info_score(batch, other)))
+
+
+def run_one(strategy: str, seed: int, encoder: Encoder, cap: int, nmi_rows: int) -> Run:
+    t = time.perf_counter()
+    # stop_when_stable off: the question is texts-until-found, so neither strategy may stop early
+    cfg = sim_config(seed=seed, strategy=strategy, max_texts=cap, controller={"stop_when_stable": False})
+    r = run_experiment(cfg, encoder=encoder, until_all_found=True, keep_vectors=nmi_rows > 0)
+    seconds = time.perf_counter() - t
+    texts = max(r.found_at.values()) if r.all_found else r.texts
+    nmi, ref = nmi_vs_batch(r, nmi_rows, seed) if nmi_rows > 0 else (None, None)
+    return Run(strategy, seed, texts, r.all_found, dict(r.found_at), len(r.state.engine.ids), nmi, ref,
+               seconds, r.stop_reason)
+
+
+def summary(runs: list[Run]) -> tuple[float, str]:
+    """(median texts with unfound runs as +inf, one line of text)."""
+    vals = sorted(r.texts if r.found_all else float("inf") for r in runs)
+    med = statistics.median(vals)
+    capped = sum(not r.found_all for r in runs)
+    nmis = [r.nmi for r in runs if r.nmi is not None]
+    refs = [r.nmi_ref for r in runs if r.nmi_ref is not None]
+    shown = "> cap" if med == float("inf") else f"{med:,.0f}"
+    line = (f"median {shown} texts (min {min(r.texts for r in runs):,}, max {max(r.texts for r in runs):,}"
+            f"{', ' + str(capped) + ' capped' if capped else ''}); "
+            + (f"NMI vs batch KMeans median {statistics.median(nmis):.3f} (min {min(nmis):.3f}; "
+               f"batch vs batch {statistics.median(refs):.3f})" if nmis else ""))
+    return med, line
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--encoder", choices=["hashing", "minilm"], default="hashing")
+    ap.add_argument("--max-texts", type=int, default=60000, help="cap per run (both roles together)")
+    ap.add_argument("--nmi-rows", type=int, default=12000, help="texts per run for the NMI (0: skip)")
+    ap.add_argument("--strategies", default="active,uniform")
+    args = ap.parse_args()
+    encoder = make_encoder(args.encoder)
+    print(f"sim pair, planted behaviours; encoder={args.encoder}; cap={args.max_texts:,} texts; "
+          f"seeds={args.seeds}; found = a validated hypothesis whose cluster is mostly that behaviour")
+    results: dict[str, list[Run]] = {}
+    for strategy in args.strategies.split(","):
+        runs = []
+        for seed in range(args.seeds):
+            run = run_one(strategy, seed, encoder, args.max_texts, args.nmi_rows)
+            runs.append(run)
+            found = " ".join(f"{b}@{n:,}" for b, n in sorted(run.found_at.items(), key=lambda kv: kv[1]))
+            nmi = f"{run.nmi:.3f} (batch/batch {run.nmi_ref:.3f})" if run.nmi is not None else "-"
+            missing = "" if run.found_all else " (not all found)"
+            print(f"  {strategy:8s} seed {seed}: {run.texts:>6,} texts{missing}  k={run.k:3d} NMI={nmi}  "
+                  f"[{found}]  {run.seconds:.1f}s", flush=True)
+        results[strategy] = runs
+    meds = {}
+    for strategy, runs in results.items():
+        meds[strategy], line = summary(runs)
+        print(f"{strategy:8s}: {line}")
+    if "active" in meds and "uniform" in meds:
+        ratio = meds["uniform"] / meds["active"]
+        print(f"uniform_vs_active_texts={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

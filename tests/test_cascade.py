@@ -1,0 +1,112 @@
+"""The validator cascade escalates only borderline hypotheses, and the LLM tier is called only for them.
+
+Tiers: keyword -> embedding (the fast hashing encoder, which is lexical: enough to make a
+hypothesis clear or not on purpose) -> llm against a fake OpenAI-compatible server on 127.0.0.1,
+through ``services.harness.Cascade`` (the validator service's own ``decide`` on each tier's
+scores, with LORD++ per tier).  Four hypotheses:
+
+* clear positive: its keyword is in every positive held-out text and no negative -> tier 0 validates;
+* clear negative: its keyword is *rarer* on the side it is claimed for (40% vs 60%) -> tier 0 rejects;
+* borderline at tier 0 only: the keyword is weakly indicative on 20 texts a side (AUC 0.6, wide
+  interval), but the hypothesis shares its words with every positive text and none of the
+  negatives -> escalated, then tier 1 validates;
+* borderline at tiers 0 and 1: 8 texts a side, a keyword in no text, and a word shared with only 4
+  positive texts -> escalated twice (AUC 0.5 and 0.62 on so few texts: the intervals straddle
+  min_auc); the (fake) LLM separates the sides, and two of its answers are unreadable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from llm_fake_server import FakeLLMServer, Reply, Seen
+
+from services.core.config import EmbedderConfig
+from services.core.events import Hypothesis, TextRef, stable_id
+from services.embedder.hashing import HashingEncoder
+from services.harness import Cascade, sim_config
+
+POS_MARK = "lighthouse"  # what the fake LLM "recognises" in the described side's texts
+GARBLED = "gibberish"  # texts for which the fake LLM answers without any number
+
+
+def refs(texts: list[str], role: str, tag: str) -> list[TextRef]:
+    return [TextRef(text_id=stable_id(tag, role, i), prompt_id="p", role=role, text=t)  # type: ignore[arg-type]
+            for i, t in enumerate(texts)]
+
+
+def hypothesis(name: str, text: str, keywords: list[str], pos: list[str], neg: list[str]) -> Hypothesis:
+    return Hypothesis(experiment_id="cascade-test", hypothesis_id=name, candidate_id=f"c-{name}",
+                      cluster_id=0, direction="intervention", text=text, kind="contrastive", labeler="test",
+                      keywords=keywords,
+                      label_text_ids=[stable_id(name, "label", i) for i in range(5)],
+                      holdout_texts=refs(pos, "intervention", name) + refs(neg, "base", name))
+
+
+def with_word(word: str, n_with: int, n: int, filler: str) -> list[str]:
+    return [f"{filler} number {i}" + (f" and a {word}" if i < n_with else "") for i in range(n)]
+
+
+def make_hypotheses() -> dict[str, Hypothesis]:
+    clear_pos = hypothesis("clear_pos", "The intervention model mentions kittens.", ["kitten"],
+                           with_word("kitten", 40, 40, "note"), with_word("kitten", 0, 40, "note"))
+    clear_neg = hypothesis("clear_neg", "The intervention model mentions umbrellas.", ["umbrella"],
+                           with_word("umbrella", 16, 40, "memo"), with_word("umbrella", 24, 40, "memo"))
+    sailing = "sailing boats harbour voyages seagulls"
+    border_0 = hypothesis(
+        "border_0", f"The intervention model writes about {sailing}.", ["gravy"],
+        [f"{sailing} story {i}" + (" with gravy" if i < 12 else "") for i in range(20)],
+        [f"casserole recipe {i}" + (" with gravy" if i < 8 else "") for i in range(20)])
+    border_01 = hypothesis(
+        "border_01", "The intervention model is quietly nostalgic.", ["xylophone"],
+        [f"{POS_MARK} keeper diary {i}" + (" nostalgic" if i < 4 else "") for i in range(7)]
+        + [f"{GARBLED} entry"],
+        [f"spreadsheet quarterly figures {i}" for i in range(7)] + [f"{GARBLED} remark"])
+    return {h.hypothesis_id: h for h in (clear_pos, clear_neg, border_0, border_01)}
+
+
+def fake_llm(seen: Seen) -> Reply:
+    """Scores the text inside <text> tags; garbled texts get an answer without any number."""
+    text = seen.prompt.split("<text>")[1].split("</text>")[0]
+    if GARBLED in text:
+        return Reply("I would rather not say.")
+    return Reply("88" if POS_MARK in text else "12")
+
+
+@pytest.fixture()
+async def server() -> AsyncIterator[FakeLLMServer]:
+    async with FakeLLMServer("openai", fake_llm) as srv:
+        yield srv
+
+
+async def test_only_borderline_hypotheses_escalate_and_reach_the_llm(server: FakeLLMServer) -> None:
+    llm = {"provider": "openai", "model": "gpt-test", "base_url": server.base_url,
+           "api_key_env": "AUTOINTERV_TEST_NO_SUCH_KEY", "requests_per_s": 1000.0, "max_retries": 0}
+    cfg = sim_config(experiment={"budget_usd": 1.0}, validator={"tiers": [
+        {"name": "keyword", "kind": "keyword"}, {"name": "embedding", "kind": "embedding"},
+        {"name": "llm", "kind": "llm", "llm": llm}]})
+    cascade = await Cascade.build(cfg, HashingEncoder(EmbedderConfig(backend="hashing")))
+    hyps = make_hypotheses()
+    try:
+        decided = {name: await cascade.validate(h) for name, h in hyps.items()}
+    finally:
+        await cascade.aclose()
+    path = {name: [(v.tier, v.decision) for v in vs] for name, vs in decided.items()}
+    assert path["clear_pos"] == [("keyword", "validated")]
+    assert path["clear_neg"] == [("keyword", "rejected")]
+    assert path["border_0"] == [("keyword", "escalated"), ("embedding", "validated")]
+    assert path["border_01"] == [("keyword", "escalated"), ("embedding", "escalated"), ("llm", "validated")]
+
+    # the LLM saw only the doubly escalated hypothesis: one request per held-out text, plus one
+    # re-ask for each of the two unreadable answers
+    n_holdout = len(hyps["border_01"].holdout_texts)
+    assert len(server.requests) == n_holdout + 2
+    assert all("quietly nostalgic" in r.prompt for r in server.requests)
+
+    # unreadable answers are dropped and counted, never scored 0.5 (a 0.5 would be a tie here)
+    final = decided["border_01"][-1]
+    assert final.effect["dropped_unparsed"] == 2.0
+    assert (final.n_pos, final.n_neg) == (7, 7)
+    assert final.auc == 1.0
+    assert final.calls == n_holdout  # texts scored by the expensive tier (the re-asks are not texts)
