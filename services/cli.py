@@ -39,10 +39,13 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from services.core.logs import setup_logging
     from services.orchestrator import run_pipeline
     from services.sink.table import load_results, render_table
 
     cfg = _load(args)
+    log_file = Path(cfg.experiment.run_dir) / cfg.experiment_id / "autointerv.log"
+    setup_logging(args.log_level, file=str(log_file))
     console.print(f"[bold]autointerv[/] experiment [cyan]{cfg.experiment_id}[/] — "
                   f"base={cfg.models.base.backend}:{cfg.models.base.model or 'sim'} "
                   f"intervention={cfg.models.intervention.backend}:{cfg.models.intervention.model or 'sim'}")

@@ -34,12 +34,31 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-def setup_logging(level: str = "INFO", stream=None) -> None:
+def setup_logging(level: str = "INFO", stream=None, file: str | None = None,
+                  file_level: str = "INFO") -> None:
+    """JSON logs to stderr at ``level`` and, optionally, to ``file`` at ``file_level``."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.setLevel(level)
+    handlers: list[logging.Handler] = [handler]
+    if file:
+        from pathlib import Path
+
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(file)
+        fh.setFormatter(JsonFormatter())
+        fh.setLevel(file_level)
+        handlers.append(fh)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(logging.WARNING)
-    logging.getLogger("autointerv").setLevel(level)
+    levels = [logging.getLevelName(level)] + ([logging.getLevelName(file_level)] if file else [])
+    logging.getLogger("autointerv").setLevel(min(levels))
     for noisy in ("aiokafka", "kafka", "faust", "mode", "sentence_transformers", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # transformers prints "Loading weights" progress bars on every model load
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

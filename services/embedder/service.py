@@ -53,6 +53,7 @@ class EmbedderService(Service):
         self.m_degraded = m.gauge("embedder_cache_degraded", "1 while Redis is unreachable", ["service"])
         self.m_bytes = m.counter("embedder_cache_bytes_total", "Bytes read/written", ["service", "direction"])
         self.dtype = self.cfg.cache.vector_dtype
+        self._bytes_seen = (0, 0)
 
     async def handle(self, batch: list[Incoming]) -> None:
         good: list[DecodedText] = []
@@ -80,6 +81,10 @@ class EmbedderService(Service):
         self.m_texts.labels(self.name).inc(len(good))
         if self.cache is not None:
             self.m_degraded.labels(self.name).set(1 if self.cache.degraded else 0)
+            read, written = self.cache.bytes_read, self.cache.bytes_written
+            self.m_bytes.labels(self.name, "read").inc(read - self._bytes_seen[0])
+            self.m_bytes.labels(self.name, "written").inc(written - self._bytes_seen[1])
+            self._bytes_seen = (read, written)
 
     async def teardown(self) -> None:
         if getattr(self, "redis", None) is not None:
