@@ -17,7 +17,7 @@ from services.sdk import consumer
 
 
 @consumer("validated-counter", Validation)
-async def ValidatedCounter(svc, event: Validation) -> None:  # noqa: N802 - it becomes a class
+async def ValidatedCounter(svc, event: Validation) -> None:
     """Logs validated hypotheses and counts them in a Prometheus series."""
     counter = svc.metrics.counter("plugin_validated_total", "Validated hypotheses seen", ["tier"])
     if event.decision == "validated":

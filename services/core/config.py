@@ -251,6 +251,7 @@ class TierConfig(Strict):
     llm: LLMConfig | None = None
     max_texts: int = Field(default=60, ge=4)  # held-out texts scored, per side at most
     escalate_band: float = Field(default=0.0, ge=0)  # extra width of the "undecided" band
+    generative_texts: int = Field(default=20, ge=5, le=100)  # generative tier: texts the LLM writes per side
 
     @model_validator(mode="after")
     def _llm_needed(self) -> TierConfig:
