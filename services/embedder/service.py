@@ -18,7 +18,7 @@ from services.core.config import Config, EmbedderConfig
 from services.core.events import DecodedText, EmbeddedText
 from services.core.runtime import Incoming, Service
 from services.embedder.cache import EmbeddingCache, embed_with_cache
-from services.embedder.encoder import Encoder, check_text
+from services.embedder.encoder import Encoder, check_text, normalise_text
 
 
 async def make_encoder(cfg: EmbedderConfig) -> Encoder:
@@ -47,7 +47,8 @@ class EmbedderService(Service):
         self.redis = self.ctx.redis()
         self.cache = make_cache(self.cfg, self.redis)
         m = self.metrics
-        self.m_hits = m.counter("embedder_cache_hits_total", "Vectors served from the cache", ["service"])
+        self.m_hits = m.counter("embedder_cache_hits_total", "Vectors served without encoding (cache hits "
+                                "and repeats within a batch)", ["service"])
         self.m_misses = m.counter("embedder_cache_misses_total", "Vectors computed by the model", ["service"])
         self.m_texts = m.counter("embedder_texts_total", "Texts embedded (hits + misses)", ["service"])
         self.m_degraded = m.gauge("embedder_cache_degraded", "1 while Redis is unreachable", ["service"])
@@ -75,9 +76,11 @@ class EmbedderService(Service):
                 round=ev.round, embedding_model=self.encoder.model_key, dim=int(vec.shape[0]), dtype=self.dtype,
                 vector_b64=EmbeddedText.encode_vector(vec, self.dtype), cache_hit=bool(hit), meta=ev.meta,
             ))
-        n_hits = int(sum(bool(h) for h in hits))
-        self.m_hits.labels(self.name).inc(n_hits)
-        self.m_misses.labels(self.name).inc(len(good) - n_hits)
+        # misses = vectors the model computed: identical texts in one batch are encoded once
+        n_computed = len({normalise_text(e.text, self.encoder.max_chars)
+                          for e, h in zip(good, hits, strict=True) if not h})
+        self.m_hits.labels(self.name).inc(len(good) - n_computed)
+        self.m_misses.labels(self.name).inc(n_computed)
         self.m_texts.labels(self.name).inc(len(good))
         if self.cache is not None:
             self.m_degraded.labels(self.name).set(1 if self.cache.degraded else 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+from services.core.config import ConfigError
 from services.core.events import CandidateCluster, Hypothesis, stable_id
 from services.core.runtime import Incoming, Service
 from services.hypothesizer.offline import describe, distinctive_terms, pick_keywords
@@ -32,6 +33,8 @@ class HypothesizerService(Service):
     async def setup(self) -> None:
         self.llm = None
         hc = self.cfg.hypothesizer
+        if hc.labeler == "llm" and hc.llm is None:  # silently labelling offline would hide a config typo
+            raise ConfigError("hypothesizer.llm: an llm section is required when hypothesizer.labeler is 'llm'")
         if hc.labeler == "llm" and hc.llm is not None:
             from services.llm.client import RedisBudget  # noqa: F401 - validated at start-up
             from services.llm.factory import make_llm_client
@@ -79,13 +82,15 @@ class HypothesizerService(Service):
     async def _label(self, cand: CandidateCluster, target: list[str], contrast: list[str],
                      keywords: list[str], previous: list[str]) -> tuple[str, str]:
         if self.llm is not None:
-            from services.llm.client import LLMError
+            from services.llm.client import BadResponse, LLMError
             from services.llm.prompts import contrastive_label_prompt
 
             k = self.cfg.hypothesizer.texts_per_side
             try:
                 resp = await self.llm.complete(contrastive_label_prompt(target[:k], contrast[:k], previous),
                                                purpose="label")
+                if not resp.text.strip():  # an empty label states nothing a validator could test
+                    raise BadResponse("the LLM labeler answered with an empty label")
                 return resp.text.strip(), f"llm:{self.cfg.hypothesizer.llm.provider}:{resp.model}"
             except LLMError as exc:
                 self.log.warning("LLM labeler failed; using the offline labeler",
@@ -124,3 +129,4 @@ class HypothesizerService(Service):
     async def teardown(self) -> None:
         if self.llm is not None:
             await self.llm.aclose()
+            await self.redis.aclose()

@@ -21,7 +21,7 @@ e-value: p = min(1, 1/e) at the level the cluster was tested at.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import orjson
 from aiokafka import ConsumerRecord
@@ -40,6 +40,10 @@ from services.validator.tiers import (
     TierScores,
     split_holdout,
 )
+
+if TYPE_CHECKING:
+    from services.core.config import LLMConfig
+    from services.llm.client import LLMClient
 
 MIN_PER_SIDE = 5
 
@@ -95,14 +99,22 @@ class ValidatorService(Service):
             cache = make_cache(self.cfg, self.redis)
             return EmbeddingTier(c, encoder, cache) if c.kind == "embedding" else ProbeTier(c, encoder, cache)
         if c.kind == "llm":
-            from services.llm.client import RedisBudget
-            from services.llm.factory import make_llm_client
+            assert c.llm is not None  # TierConfig requires it for this kind
+            return LLMTier(c, self._llm_client(c.llm))
+        if c.kind == "generative":
+            from services.validator.generative import build_generative_tier
 
-            budget = RedisBudget(self.redis, namespace=self.cfg.cache.namespace,
-                                 experiment_id=self.ctx.experiment_id, limit_usd=self.cfg.experiment.budget_usd)
-            return LLMTier(c, make_llm_client(c.llm, redis=self.redis, namespace=self.cfg.cache.namespace,
-                                              budget=budget))
+            return await build_generative_tier(self.cfg, c, self._llm_client)
         raise ValueError(f"validator tier {c.name!r}: kind {c.kind!r} is not available in this build")
+
+    def _llm_client(self, llm: LLMConfig) -> LLMClient:
+        """A client with the Redis response cache and the experiment's shared budget."""
+        from services.llm.client import RedisBudget
+        from services.llm.factory import make_llm_client
+
+        budget = RedisBudget(self.redis, namespace=self.cfg.cache.namespace,
+                             experiment_id=self.ctx.experiment_id, limit_usd=self.cfg.experiment.budget_usd)
+        return make_llm_client(llm, redis=self.redis, namespace=self.cfg.cache.namespace, budget=budget)
 
     async def handle(self, batch: list[Incoming]) -> None:
         for item in batch:
@@ -186,7 +198,8 @@ class ValidatorService(Service):
             decision = "escalated" if not self.is_last else "rejected"
             return self._base(h, decision=decision, auc=0.5, auc_ci=(0.0, 1.0), p_value=1.0, alpha_level=0.0,
                               n_pos=len(s.pos), n_neg=len(s.neg), calls=s.calls, cost_usd=s.cost_usd,
-                              effect={**_share_effect(h.cluster_evidence), "too_few_texts": 1.0})
+                              effect={**_share_effect(h.cluster_evidence), "too_few_texts": 1.0,
+                                      "dropped_unparsed": float(s.dropped), **s.notes})
         res = auc_test(s.pos, s.neg)
         rejected_null, level = lord.record(res.p_value)
         if rejected_null and res.ci_low >= min_auc + band:
