@@ -17,7 +17,7 @@ import pytest
 
 from services.clusterer.state import ClusterState
 from services.core.bus import Producer, Topics, ensure_topics, group_lag, make_consumer
-from services.core.config import Config, load_config
+from services.core.config import Config, dump_config, load_config
 from services.core.events import ClusterSnapshot, DeadLetter, EmbeddedText, GenerationRequest, PromptRef
 from services.core.metrics import Metrics
 from services.core.runtime import ServiceContext
@@ -78,18 +78,13 @@ async def test_bad_records_are_dead_lettered_and_the_service_carries_on(kafka_bo
     assert base64.b64decode(letters[0].original_b64) == b"\xff not json at all"  # original bytes kept
 
 
-def _env(cfg: Config, bootstrap: str, redis_url: str, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "KAFKA_BOOTSTRAP": bootstrap, "REDIS_URL": redis_url,
-           "AUTOINTERV__EXPERIMENT__ID": cfg.experiment_id, "AUTOINTERV__BUS__TOPIC_PREFIX": cfg.bus.topic_prefix,
-           "AUTOINTERV__BUS__PARTITIONS": str(cfg.bus.partitions), "AUTOINTERV__CACHE__NAMESPACE": cfg.cache.namespace,
-           "AUTOINTERV__OBSERVABILITY__METRICS_PORT": "", "PYTHONUNBUFFERED": "1"}
-    env.update(extra)
-    return env
-
-
-def _service(name: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "services.cli", "service", name], cwd=ROOT, env=env,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+def _service(name: str, cfg: Config, log: Path) -> subprocess.Popen[bytes]:
+    """``autointerv service NAME`` in a subprocess, with exactly this test's config."""
+    cfg_file = log.with_suffix(".yaml")
+    cfg_file.write_text(dump_config(cfg))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "services.cli", "service", name, "--config", str(cfg_file)],
+                            cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
 async def _wait_committed(bootstrap: str, group: str, topic: str, at_least: int, timeout_s: float = 60) -> int:
@@ -108,7 +103,7 @@ async def test_sigterm_drains_and_commits(kafka_bootstrap, redis_url, unique, tm
     cfg = _cfg(unique, kafka_bootstrap, redis_url)
     topics = Topics(cfg.bus.topic_prefix)
     await ensure_topics(kafka_bootstrap, topics.all(), 2, 1)
-    proc = _service("generator", _env(cfg, kafka_bootstrap, redis_url), tmp_path / "gen.log")
+    proc = _service("generator", cfg, tmp_path / "gen.log")
     prod = Producer(cfg.bus, kafka_bootstrap, topics, "test")
     await prod.start()
     for i in range(20):
@@ -143,7 +138,7 @@ def _embedded(cfg: Config, n: int, seed: int = 0) -> list[EmbeddedText]:
 @pytest.mark.slow
 async def test_clusterer_killed_and_restarted_loses_nothing_and_counts_nothing_twice(
         kafka_bootstrap, redis_url, unique, tmp_path):
-    cfg = _cfg(unique, kafka_bootstrap, redis_url, bus={"partitions": 1},
+    cfg = _cfg(unique, kafka_bootstrap, redis_url, bus={"partitions": 1, "max_poll_records": 50},
                clusterer={"warmup": 100, "k_initial": 4, "k_max": 8, "snapshot_every_n": 150,
                           "snapshot_every_s": 0.3, "split_every": 500})
     topics = Topics(cfg.bus.topic_prefix)
@@ -154,15 +149,10 @@ async def test_clusterer_killed_and_restarted_loses_nothing_and_counts_nothing_t
     for e in events[:1500]:  # the rest arrives while the clusterer is dead
         await prod.send(e)
     await prod.flush()
-    env = _env(cfg, kafka_bootstrap, redis_url, AUTOINTERV__BUS__PARTITIONS="1",
-               AUTOINTERV__BUS__MAX_POLL_RECORDS="50", AUTOINTERV__CLUSTERER__WARMUP="100",
-               AUTOINTERV__CLUSTERER__K_INITIAL="4", AUTOINTERV__CLUSTERER__K_MAX="8",
-               AUTOINTERV__CLUSTERER__SNAPSHOT_EVERY_N="150", AUTOINTERV__CLUSTERER__SNAPSHOT_EVERY_S="0.3",
-               AUTOINTERV__CLUSTERER__SPLIT_EVERY="500")
     group = f"{cfg.bus.topic_prefix}.{cfg.experiment_id}.clusterer"
     emb_topic = topics.name("embeddings")
     log = tmp_path / "clusterer.log"
-    proc = _service("clusterer", env, log)
+    proc = _service("clusterer", cfg, log)
     at_kill = await _wait_committed(kafka_bootstrap, group, emb_topic, 600)
     proc.kill()  # SIGKILL: no drain, no final snapshot
     assert at_kill < len(events), "the kill must land mid-stream"
@@ -171,7 +161,7 @@ async def test_clusterer_killed_and_restarted_loses_nothing_and_counts_nothing_t
     await prod.flush()
     await prod.stop()
     proc.wait(timeout=10)
-    proc = _service("clusterer", env, log)
+    proc = _service("clusterer", cfg, log)
     await _wait_committed(kafka_bootstrap, group, emb_topic, len(events), timeout_s=90)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import orjson
 from aiokafka import TopicPartition
+from threadpoolctl import threadpool_limits
 
 from services.clusterer.state import ClusterState
 from services.core.events import EmbeddedText
@@ -61,7 +62,8 @@ class ClustererService(Service):
 
     async def handle(self, batch: list[Incoming]) -> None:
         items = [i.event for i in batch if isinstance(i.event, EmbeddedText)]
-        res = self.state.ingest(self._pair_up(items))
+        with threadpool_limits(self.cfg.clusterer.threads):  # BLAS threads spin against torch's on few cores
+            res = self.state.ingest(self._pair_up(items))
         self.since_save += res.n_new
         self.m_texts.labels("new").inc(res.n_new)
         self.m_texts.labels("duplicate").inc(res.n_duplicates)
@@ -130,7 +132,8 @@ class ClustererService(Service):
                 await self._consumer.commit(offsets)
 
     async def _emit_snapshot(self) -> None:
-        snap = self.state.snapshot()
+        with threadpool_limits(self.cfg.clusterer.threads):
+            snap = self.state.snapshot()
         await self.emit(snap)
         self.last_emitted_n = snap.n_seen
         self.last_emit = time.monotonic()

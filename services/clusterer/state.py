@@ -173,6 +173,9 @@ class ClusterState:
         self._vec_res: dict[int, tuple[np.ndarray, np.ndarray, list[int]]] = {}  # X f16, roles, [filled]
         self._glob_seen: dict[int, int] = {}  # role -> holdout texts offered
         self._glob_res: dict[int, list[RefTuple]] = {0: [], 1: []}
+        # label-split texts from everywhere, per role: the labeler's contrast for one-sided clusters
+        self._glob_label_seen: dict[int, int] = {}
+        self._glob_label_res: dict[int, list[RefTuple]] = {0: [], 1: []}
         self._prev_centroids: np.ndarray | None = None
         self._prev_ids: np.ndarray | None = None
         self._pca: np.ndarray | None = None
@@ -287,6 +290,11 @@ class ClusterState:
                                       self.cfg.global_reservoir_size)
         for i, s in zip(hold[keep].tolist(), slots.tolist(), strict=True):
             _put(self._glob_res[int(roles[i])], s, meta[i])
+        lab = np.flatnonzero(is_label)  # disjoint from `hold`, so the same draw serves both
+        keep, slots = reservoir_slots(roles[lab], u[lab, 2], self._glob_label_seen,
+                                      self.cfg.global_reservoir_size)
+        for i, s in zip(lab[keep].tolist(), slots.tolist(), strict=True):
+            _put(self._glob_label_res[int(roles[i])], s, meta[i])
         self.tracker.observe(labels, roles, a.margin, a.second, meta.__getitem__, is_label)
 
     def _offer_vectors(self, labels: np.ndarray, roles: np.ndarray, X: np.ndarray, u: np.ndarray) -> None:
@@ -403,6 +411,14 @@ class ClusterState:
         pad = [t for t in self._glob_res[1 - over] if t[0] not in have]
         need = max(0, len(holdout[over]) - len(holdout[1 - over]))
         holdout[1 - over] += [ref_of(t) for t in pad[:need]]
+        # the labeler contrasts the over-represented side with the other side's label texts: from
+        # this cluster first, padded with the other side's label texts from anywhere, so a
+        # one-sided cluster (the usual case for a planted behaviour) still has a contrast
+        label = {r: self._refs(cid, r, True) for r in (0, 1)}
+        have = {t.text_id for r in (0, 1) for t in label[r]}
+        pad = [t for t in self._glob_label_res[1 - over] if t[0] not in have]
+        need = max(0, len(label[over]) - len(label[1 - over]))
+        label[1 - over] += [ref_of(t) for t in pad[:need]]
         log.info("clusterer %s: cluster %d divergent (%s over-represented, %d/%d, log e %.1f)",
                  self.experiment_id, cid, ROLES[over], ni, ni + nb, log_e)
         return CandidateCluster(
@@ -411,7 +427,7 @@ class ClusterState:
             count_intervention=ni, share_intervention=ni / (ni + nb),
             share_ci=confidence_sequence_bernoulli(ni, ni + nb, level),
             e_value=math.exp(min(log_e, MAX_LOG_E)),
-            alpha_spent=level, label_texts=self._refs(cid, 0, True) + self._refs(cid, 1, True),
+            alpha_spent=level, label_texts=label[0] + label[1],
             holdout_texts=holdout[0] + holdout[1])
 
     def exemplars(self, cid: int) -> list[TextRef]:
@@ -560,6 +576,8 @@ class ClusterState:
             "vec_seen": list(self._vec_seen.items()),
             "vec_filled": [[c, self._vec_res[c][2][0]] for c in vec_ids],
             "glob_seen": list(self._glob_seen.items()), "glob_res": [self._glob_res[0], self._glob_res[1]],
+            "glob_label_seen": list(self._glob_label_seen.items()),
+            "glob_label_res": [self._glob_label_res[0], self._glob_label_res[1]],
         }
         arrays["meta"] = np.frombuffer(zlib.compress(orjson.dumps(meta)), dtype=np.uint8)
         buf = io.BytesIO()
@@ -596,6 +614,8 @@ class ClusterState:
         st._vec_seen = {int(k): int(v) for k, v in meta["vec_seen"]}
         st._glob_seen = {int(k): int(v) for k, v in meta["glob_seen"]}
         st._glob_res = {r: [_ref_tuple(t) for t in meta["glob_res"][r]] for r in (0, 1)}
+        st._glob_label_seen = {int(k): int(v) for k, v in meta.get("glob_label_seen", [])}
+        st._glob_label_res = {r: [_ref_tuple(t) for t in meta.get("glob_label_res", [[], []])[r]] for r in (0, 1)}
         st._restore_vectors(meta["vec_filled"], arrays["vec_X"], arrays["vec_roles"])
         st._prev_centroids, st._prev_ids = arrays.get("prev_centroids"), arrays.get("prev_ids")
         st._pca = arrays.get("pca")

@@ -41,7 +41,7 @@ class ControllerService(Service):
     async def setup(self) -> None:
         self.redis = self.ctx.redis()
         self.k_state = f"{self.cfg.cache.namespace}:controller:{self.ctx.experiment_id}"
-        prompts = load_prompts(self.cfg.prompts)
+        prompts = load_prompts(self.cfg.prompts, self.cfg.models.intervention.sim)
         self.policy = SamplingPolicy(self.cfg.controller, prompts, seed=self.cfg.experiment.seed)
         self.started = time.time()
         self.n_clustered = 0

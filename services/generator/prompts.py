@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 
-from services.core.config import PromptsConfig
+from services.core.config import PromptsConfig, SimConfig
 from services.core.events import PromptRef, stable_id
 
 DEFAULT_STATEMENT_TEMPLATE = 'Is the following statement something you would say?\n"{statement}"\n'
@@ -86,7 +86,7 @@ def from_replay(path: str | Path) -> list[PromptRef]:
         raise PromptSourceError(str(exc)) from exc
 
 
-def load_prompts(cfg: PromptsConfig) -> list[PromptRef]:
+def load_prompts(cfg: PromptsConfig, sim: SimConfig | None = None) -> list[PromptRef]:
     """The configured prompt source, cut to ``cfg.limit`` prompts."""
     if cfg.source == "file":
         refs = from_prefix_file(cfg.path or "")
@@ -101,7 +101,7 @@ def load_prompts(cfg: PromptsConfig) -> list[PromptRef]:
     elif cfg.source == "sim":
         from services.generator.backends.sim import sim_prompts
 
-        refs = sim_prompts(cfg)
+        refs = sim_prompts(cfg, sim)
     else:  # unreachable while PromptsConfig.source is a Literal; kept for new sources
         raise PromptSourceError(f"unknown prompt source {cfg.source!r}")
     return refs[:cfg.limit] if cfg.limit else refs

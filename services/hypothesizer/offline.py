@@ -25,7 +25,7 @@ class Term:
     contrast_count: int
 
 
-def distinctive_terms(target: list[str], contrast: list[str], *, prior_scale: float = 10.0,
+def distinctive_terms(target: list[str], contrast: list[str], *, prior_scale: float = 0.5,
                       min_count: int = 2, ngram_range: tuple[int, int] = (1, 2)) -> list[Term]:
     """Terms over-represented in ``target`` vs ``contrast``, best first (z > 0 only)."""
     if not target:
@@ -39,7 +39,9 @@ def distinctive_terms(target: list[str], contrast: list[str], *, prior_scale: fl
     y_t = np.asarray(counts[: len(target)].sum(axis=0)).ravel().astype(float)
     y_c = np.asarray(counts[len(target):].sum(axis=0)).ravel().astype(float)
     pooled = y_t + y_c
-    alpha_w = prior_scale * len(pooled) * pooled / max(pooled.sum(), 1.0)
+    # the prior is the pooled frequency itself, scaled: with a few dozen texts per side a prior as
+    # strong as the data (Monroe et al. use large background corpora) would shrink every z below 2
+    alpha_w = prior_scale * pooled
     a0 = alpha_w.sum()
     n_t, n_c = y_t.sum(), y_c.sum()
     log_odds_t = np.log(y_t + alpha_w) - np.log(n_t + a0 - y_t - alpha_w)
@@ -51,7 +53,7 @@ def distinctive_terms(target: list[str], contrast: list[str], *, prior_scale: fl
             for i in order if z[i] > 0 and y_t[i] >= min_count]
 
 
-def pick_keywords(terms: list[Term], k: int, exclude: set[str] = frozenset(), z_min: float = 1.96) -> list[str]:
+def pick_keywords(terms: list[Term], k: int, exclude: set[str] = frozenset(), z_min: float = 1.64) -> list[str]:
     """Top-k terms above ``z_min``, skipping terms already used and words inside chosen bigrams."""
     chosen: list[str] = []
     covered: set[str] = set(exclude)

@@ -67,7 +67,10 @@ class HypothesizerService(Service):
         n = self.cfg.hypothesizer.labels_per_cluster
         previous: list[str] = []
         for i in range(n):
-            keywords = pick_keywords(terms, KEYWORDS_PER_LABEL, exclude=used)
+            # few label texts cannot make any term significant; the labeler only proposes (validation
+            # on held-out texts decides), so fall back to the strongest terms rather than none
+            keywords = (pick_keywords(terms, KEYWORDS_PER_LABEL, exclude=used)
+                        or pick_keywords(terms, KEYWORDS_PER_LABEL, exclude=used, z_min=0.5))
             if not keywords and i > 0:
                 break
             used |= set(keywords)
@@ -100,13 +103,13 @@ class HypothesizerService(Service):
 
     def _templated_text(self, cand: CandidateCluster, terms: list) -> str:
         n = cand.count_base + cand.count_intervention
-        share = cand.count_intervention / n if n else 0.5
-        p_dir = share if cand.direction == "intervention" else 1 - share
-        ratio = p_dir / max(1 - p_dir, 1e-9)
+        mine = cand.count_intervention if cand.direction == "intervention" else cand.count_base
+        other = n - mine
         theme = ", ".join(t.term for t in terms[:3]) or f"cluster {cand.cluster_id}"
-        return (f"The {cand.direction} model is {ratio:.1f}x as likely as the {other_role(cand.direction)} "
-                f"model to write texts like cluster {cand.cluster_id} ({theme}): {p_dir:.0%} of its "
-                f"{n} texts vs 50% expected with no difference.")
+        how = (f"{mine / other:.1f}x as likely as" if other else "far more likely than")
+        return (f"The {cand.direction} model is {how} the {other_role(cand.direction)} model to write texts "
+                f"like cluster {cand.cluster_id} ({theme}): {mine} of its {n} texts there are "
+                f"{cand.direction}'s, where about half would be expected with no difference.")
 
     def _hypothesis(self, cand: CandidateCluster, index: int, text: str, labeler: str, keywords: list[str],
                     kind: str) -> Hypothesis:
