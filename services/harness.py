@@ -207,7 +207,8 @@ class Harness:
         self.decoded: list[DecodedText] = []
         self.cluster_terms: dict[str, list[str]] = {}
         self.rng = random.Random(stable_id(cfg.experiment_id, cfg.experiment.seed, "harness"))
-        self.policy = SamplingPolicy(cfg.controller, load_prompts(cfg.prompts, cfg.models.intervention.sim), seed=cfg.experiment.seed)
+        prompts = load_prompts(cfg.prompts, cfg.models.intervention.sim)
+        self.policy = SamplingPolicy(cfg.controller, prompts, seed=cfg.experiment.seed)
         self.state = ClusterState(cfg.clusterer, cfg.experiment_id, alpha=cfg.validator.alpha)
         self.behaviours = planted_behaviours(cfg)
         self.ctx = _context(cfg)
