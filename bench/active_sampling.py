@@ -77,10 +77,12 @@ def nmi_vs_batch(r: HarnessResult, max_rows: int, seed: int) -> tuple[float | No
             float(normalized_mutual_info_score(batch, other)))
 
 
-def run_one(strategy: str, seed: int, encoder: Encoder, cap: int, nmi_rows: int) -> Run:
+def run_one(strategy: str, seed: int, encoder: Encoder, cap: int, nmi_rows: int,
+            controller: dict[str, object] | None = None, clusterer: dict[str, object] | None = None) -> Run:
     t = time.perf_counter()
     # stop_when_stable off: the question is texts-until-found, so neither strategy may stop early
-    cfg = sim_config(seed=seed, strategy=strategy, max_texts=cap, controller={"stop_when_stable": False})
+    cfg = sim_config(seed=seed, strategy=strategy, max_texts=cap,
+                     controller={"stop_when_stable": False, **(controller or {})}, clusterer=clusterer or {})
     r = run_experiment(cfg, encoder=encoder, until_all_found=True, keep_vectors=nmi_rows > 0)
     seconds = time.perf_counter() - t
     texts = max(r.found_at.values()) if r.all_found else r.texts
@@ -111,6 +113,11 @@ def main() -> None:
     ap.add_argument("--max-texts", type=int, default=60000, help="cap per run (both roles together)")
     ap.add_argument("--nmi-rows", type=int, default=12000, help="texts per run for the NMI (0: skip)")
     ap.add_argument("--strategies", default="active,uniform")
+    ap.add_argument("--initial-texts", type=int, default=None,
+                    help="controller.initial_texts for both strategies (default: the config default, 5,000)")
+    ap.add_argument("--round-texts", type=int, default=None, help="controller.round_texts for both strategies")
+    ap.add_argument("--k-initial", type=int, default=None,
+                    help="clusterer.k_initial for both strategies (warm-up scales to 20 texts per cluster)")
     args = ap.parse_args()
     encoder = make_encoder(args.encoder)
     print(f"sim pair, planted behaviours; encoder={args.encoder}; cap={args.max_texts:,} texts; "
@@ -119,7 +126,11 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         runs = []
         for seed in range(args.seeds):
-            run = run_one(strategy, seed, encoder, args.max_texts, args.nmi_rows)
+            controller = {k: v for k, v in (("initial_texts", args.initial_texts),
+                                             ("round_texts", args.round_texts)) if v is not None}
+            clusterer = ({"k_initial": args.k_initial, "warmup": 20 * args.k_initial}
+                         if args.k_initial is not None else {})
+            run = run_one(strategy, seed, encoder, args.max_texts, args.nmi_rows, controller, clusterer)
             runs.append(run)
             found = " ".join(f"{b}@{n:,}" for b, n in sorted(run.found_at.items(), key=lambda kv: kv[1]))
             nmi = f"{run.nmi:.3f} (batch/batch {run.nmi_ref:.3f})" if run.nmi is not None else "-"

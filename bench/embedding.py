@@ -132,7 +132,7 @@ async def run_stage(cfg: Config, bootstrap: str, redis_url: str, texts: list[str
     events = [DecodedText(experiment_id=cfg.experiment_id, text_id=f"t{i}", request_id="bench", role="base",
                           model_id="sim-base", prompt_id="p", text=t) for i, t in enumerate(texts)]
     reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                              auto_offset_reset="earliest")
+                              auto_offset_reset="earliest", fetch_max_wait_ms=cfg.bus.fetch_max_wait_ms)
     await reader.start()
     reader.assign([TopicPartition(topics.name(EmbeddedText.topic), p) for p in range(PARTITIONS)])
     prod = Producer(cfg.bus, bootstrap, topics, "bench")

@@ -59,8 +59,8 @@ class Reader:
     def __init__(self, cfg: Config, bootstrap: str, logical: str) -> None:
         self.topic = Topics(cfg.bus.topic_prefix).name(logical)
         self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                         auto_offset_reset="earliest", fetch_max_bytes=64 << 20,
-                                         max_partition_fetch_bytes=16 << 20)
+                                         auto_offset_reset="earliest", fetch_max_wait_ms=100,
+                                         fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)
         self.records: list[ConsumerRecord] = []
 
     async def __aenter__(self) -> Reader:

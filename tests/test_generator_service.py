@@ -64,7 +64,7 @@ class Reader:
     def __init__(self, cfg: Config, bootstrap: str, logical: str) -> None:
         self.topic = Topics(cfg.bus.topic_prefix).name(logical)
         self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                         auto_offset_reset="earliest")
+                                         auto_offset_reset="earliest", fetch_max_wait_ms=100)
         self.records: list[ConsumerRecord] = []
 
     async def __aenter__(self) -> Reader:

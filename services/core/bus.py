@@ -108,6 +108,7 @@ def make_consumer(bus: BusConfig, bootstrap: str, topics: list[str], group_id: s
         isolation_level="read_committed" if bus.exactly_once else "read_uncommitted",
         session_timeout_ms=bus.session_timeout_ms, heartbeat_interval_ms=bus.heartbeat_interval_ms,
         rebalance_timeout_ms=bus.session_timeout_ms, max_poll_interval_ms=600_000,
+        fetch_max_wait_ms=bus.fetch_max_wait_ms,
     )
 
 

@@ -43,6 +43,11 @@ class BusConfig(Strict):
     # so the default is short; raise it on real Kafka if event-loop stalls could exceed it.
     session_timeout_ms: int = Field(default=6000, ge=1000)
     heartbeat_interval_ms: int = Field(default=1000, ge=100)
+    # Longest a fetch waits for data.  Tansu answers a waiting fetch only at the deadline, not when
+    # data arrives, so aiokafka's 500 ms default added up to 0.5 s per hop (measured: 800 cached
+    # texts through the embedder in 0.40 s at 500 ms, 0.13-0.18 s at 100 ms).  Lower costs idle
+    # CPU: ~1.3% of a core per idle consumer (broker + client) at 100 ms, ~0.3% at 500 ms.
+    fetch_max_wait_ms: int = Field(default=100, ge=0)
     exactly_once: bool = False  # real Kafka only: Tansu rejects idempotent/transactional producers
     client_id: str = "autointerv"
 
