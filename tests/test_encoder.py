@@ -19,7 +19,7 @@ from services.embedder.encoder import (
     resolve_model,
 )
 
-HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None
+HAVE_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -174,13 +174,13 @@ def test_float16_round_trip_keeps_cosine(encoder: SentenceTransformerEncoder) ->
     assert cos.min() >= 0.999  # measured ~0.999999: float16 keeps ~3 significant digits per coordinate
 
 
-@pytest.mark.skipif(HAVE_ORT, reason="onnxruntime is installed: the parity test runs instead")
+@pytest.mark.skipif(HAVE_ORT, reason="onnxruntime and onnx installed: the parity test runs instead")
 def test_onnx_backend_without_onnxruntime_names_the_package(encoder: SentenceTransformerEncoder) -> None:
-    with pytest.raises(RuntimeError, match="pip install onnxruntime"):
+    with pytest.raises(RuntimeError, match="pip install onnxruntime onnx"):
         SentenceTransformerEncoder(EmbedderConfig(backend="onnx"), model=encoder.model)
 
 
-@pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime not installed")
+@pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime/onnx not installed")
 def test_onnx_backend_matches_torch(encoder: SentenceTransformerEncoder) -> None:
     onnx = SentenceTransformerEncoder(EmbedderConfig(backend="onnx", batch_size=3), model=encoder.model)
     assert "backend=onnx" in onnx.model_key and onnx.model_key != encoder.model_key

@@ -839,12 +839,14 @@ def finalize_run(run_dir: Path, alpha: float, experiment_id: str | None = None,
     """Write texts.parquet, clusters.*, results.jsonl, hypotheses.parquet, summary.json, report.html.
 
     Reads only the run directory (event logs and part files) and is safe to repeat."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # "runs/latest" must not name itself
     experiment_id = experiment_id or run_dir.name
     ParquetParts(run_dir / "texts", TEXT_SCHEMA, "text_id").merge(run_dir / "texts.parquet")
     ParquetParts(run_dir / "embeddings", EMBEDDING_SCHEMA, "text_id").merge(run_dir / "embeddings.parquet")
     state = load_state(run_dir)
-    cand_ids = {cid: [t.text_id for t in candidate_texts(c)] for cid, c in state.candidates.items()}
+    # only the over-represented side's texts: the other side's are padded from everywhere (contrast)
+    cand_ids = {cid: [t.text_id for t in candidate_texts(c) if t.role == c.direction]
+                for cid, c in state.candidates.items()}
     wanted = {t for ids in cand_ids.values() for t in ids}
     texts = scan_texts(run_dir / "texts.parquet", wanted)
     rows = results_rows(state, alpha)
