@@ -48,7 +48,7 @@ from services.core.infra import infrastructure
 from services.core.logs import setup_logging
 from services.core.metrics import Metrics
 from services.core.runtime import ServiceContext
-from services.embedder.cache import EmbeddingCache
+from services.embedder.cache import EmbeddingCache, connect
 from services.generator.backends.base import DecodingParams, GenerationTask
 from services.generator.backends.sim import SimBackend, sim_prompts
 
@@ -222,6 +222,13 @@ async def run_service_stages(args: argparse.Namespace, texts: list[str], bootstr
     cold = await run_stage(stage_config(args, f"cold-{namespace}", namespace), bootstrap, redis_url, texts)
     warm = await run_stage(stage_config(args, f"warm-{namespace}", namespace), bootstrap, redis_url, texts)
     reads = await cache_read_rates(redis_url, namespace, dim=384)
+    client = connect(redis_url)  # leave nothing behind on an external Redis
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
+        for i in range(0, len(keys), 1000):
+            await client.unlink(*keys[i:i + 1000])
+    finally:
+        await client.aclose()
     return cold, warm, reads
 
 

@@ -151,12 +151,9 @@ def _progress_table(controller: Service, metrics: Metrics, t0: float) -> Table:
     for col in ("round", "texts planned", "generated", "embedded", "clustered", "candidates", "hypotheses",
                 "validated", "dead letters"):
         t.add_column(col, justify="right")
-    gen = sum(metrics.value("generator_texts_total", backend=b, role=r)
-              for b in ("sim", "replay", "transformers", "vllm", "openai") for r in ("base", "intervention"))
-    emb = metrics.value("records_processed_total", service="embedder", topic="texts")
-    dl = sum(metrics.value("dead_letters_total", service=s, topic=tp)
-             for s in ("generator", "embedder", "clusterer", "hypothesizer", "validator", "controller", "sink")
-             for tp in ("generation-requests", "texts", "embeddings", "candidates", "hypotheses"))
+    gen = metrics.total("generator_texts_total")
+    emb = metrics.total("records_processed_total", service="embedder", topic="texts")
+    dl = metrics.total("dead_letters_total")
     t.add_row(str(p.get("round", "")), str(p.get("planned", "")), f"{gen:.0f}", f"{emb:.0f}",
               str(p.get("clustered", "")), str(p.get("candidates", "")), str(p.get("hypotheses", "")),
               str(p.get("validated", "")), f"{dl:.0f}")

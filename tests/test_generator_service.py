@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import RecordMetadata
 
 from services.core.bus import Producer, Topics, ensure_topics, group_lag
@@ -65,7 +65,7 @@ class Reader:
         self.topic = Topics(cfg.bus.topic_prefix).name(logical)
         self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                          auto_offset_reset="earliest", fetch_max_wait_ms=100)
-        self.records: list[ConsumerRecord] = []
+        self._texts: list[tuple[DecodedText, str]] = []
 
     async def __aenter__(self) -> Reader:
         await self.consumer.start()
@@ -78,7 +78,9 @@ class Reader:
     async def poll(self) -> int:
         got = await self.consumer.getmany(timeout_ms=200)
         new = [r for recs in got.values() for r in recs]
-        self.records += new
+        for r in new:
+            env = Envelope.from_headers(r.headers)
+            self._texts.append((DecodedText.from_bytes(r.value), env.source if env else ""))
         return len(new)
 
     async def until(self, done: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -94,19 +96,16 @@ class Reader:
             pass
 
     def texts(self) -> list[tuple[DecodedText, str]]:
-        out = []
-        for r in self.records:
-            env = Envelope.from_headers(r.headers)
-            out.append((DecodedText.from_bytes(r.value), env.source if env else ""))
-        return out
+        """(event, ce_source: the producing instance) per record read so far."""
+        return self._texts
 
 
-def _requests(cfg: Config, n: int) -> list[GenerationRequest]:
+def _requests(cfg: Config, n: int, n_per_prompt: int = 2, first: int = 0) -> list[GenerationRequest]:
     return [GenerationRequest(experiment_id=cfg.experiment_id, role="base" if i % 2 else "intervention",
-                              request_id=stable_id(cfg.experiment_id, "req", i), n_per_prompt=2,
+                              request_id=stable_id(cfg.experiment_id, "req", i), n_per_prompt=n_per_prompt,
                               prompts=[PromptRef(prompt_id=f"p{i}-{j}", text=f"Write about topic {i} {j}.")
                                        for j in range(2)])
-            for i in range(n)]
+            for i in range(first, first + n)]
 
 
 def _expected_ids(req: GenerationRequest) -> set[str]:
@@ -138,6 +137,8 @@ async def test_two_replicas_one_killed_mid_stream_lose_nothing(kafka_bootstrap, 
     sources = [f"autointerv/generator/{socket.gethostname()}-{p.pid}" for p in procs]
     victim, survivor = procs
     reqs = _requests(cfg, 200)
+    # heavy requests (80 texts each) keep the victim busy when it is killed
+    heavy = _requests(cfg, 20, n_per_prompt=40, first=1000)
     where: dict[str, RecordMetadata] = {}
     raw = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await raw.start()
@@ -145,13 +146,14 @@ async def test_two_replicas_one_killed_mid_stream_lose_nothing(kafka_bootstrap, 
     try:
         async with Reader(cfg, kafka_bootstrap, DecodedText.topic) as reader:
             # 1. trickle requests until both replicas have served some (both joined the group)
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 90
             while {s for _, s in reader.texts()} < set(sources):
-                assert time.monotonic() < deadline and sent < 120, \
+                assert time.monotonic() < deadline and sent < 140, \
                     f"both replicas never served: {Counter(s for _, s in reader.texts())}"
-                where.update(await _send(raw, req_topic, reqs[sent:sent + 2]))
-                sent += 2
+                where.update(await _send(raw, req_topic, reqs[sent:sent + 1]))
+                sent += 1
                 await reader.poll()
+                await asyncio.sleep(0.1)
             # 2. the victim has committed some of the requests it served (their offset is below the
             #    group's committed offset of their partition)
             served = {t.request_id for t, s in reader.texts() if s == sources[0]}
@@ -164,21 +166,25 @@ async def test_two_replicas_one_killed_mid_stream_lose_nothing(kafka_bootstrap, 
             while not await victim_committed():
                 assert time.monotonic() < deadline, "the victim never committed what it served"
                 await asyncio.sleep(0.2)
-            # 3. kill it while the stream flows: 20 more requests just queued, the rest afterwards
-            where.update(await _send(raw, req_topic, reqs[sent:sent + 20]))
-            sent += 20
+            # 3. kill it while it works through the heavy requests; the rest come afterwards
+            where.update(await _send(raw, req_topic, heavy))
+            busy = {(r.request_id, sources[0]) for r in heavy}
+            await reader.until(lambda: any((t.request_id, s) in busy for t, s in reader.texts()),
+                               30, "the victim to serve a heavy request")
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=10)
             for i in range(sent, len(reqs), 10):
-                await _send(raw, req_topic, reqs[i:i + 10])
+                where.update(await _send(raw, req_topic, reqs[i:i + 10]))
                 await asyncio.sleep(0.05)
+            # requests sent after the kill land on every partition, the victim's included
+            assert {where[r.request_id].partition for r in reqs[sent:]} == set(range(PARTITIONS))
             # 4. the survivor takes the victim's partitions over (after the rebalance) and finishes
             deadline = time.monotonic() + 90
-            while sum((await _committed(kafka_bootstrap, group, req_topic)).values()) < len(reqs):
+            while sum((await _committed(kafka_bootstrap, group, req_topic)).values()) < len(where):
                 assert survivor.poll() is None, (tmp_path / "gen1.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "the survivor never finished the stream"
                 await asyncio.sleep(0.3)
-            expected = set().union(*(_expected_ids(r) for r in reqs))
+            expected = set().union(*(_expected_ids(r) for r in reqs + heavy))
             await reader.until(lambda: {t.text_id for t, _ in reader.texts()} >= expected, 30, "all texts")
             await reader.drain()
             texts = reader.texts()
@@ -233,7 +239,7 @@ async def test_samples_and_exemplar_continuations(kafka_bootstrap, redis_url, un
             await prod.send(r)
         await prod.flush()
         async with Reader(cfg, kafka_bootstrap, DecodedText.topic) as reader:
-            await reader.until(lambda: len(reader.records) >= 4 * 3 + 3 * 3, 30, "texts")
+            await reader.until(lambda: len(reader.texts()) >= 4 * 3 + 3 * 3, 30, "texts")
             await reader.drain()
             texts = [t for t, _ in reader.texts()]
     finally:

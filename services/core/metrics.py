@@ -54,9 +54,19 @@ class Metrics:
         return generate_latest(self.registry)
 
     def value(self, name: str, **labels: str) -> float:
-        """Current value of a sample (tests and the terminal view use this)."""
+        """Current value of one sample (tests use this; it scans the whole registry)."""
         v = self.registry.get_sample_value(PREFIX + name, labels)
         return 0.0 if v is None else float(v)
+
+    def total(self, series: str, **match: str) -> float:
+        """Sum of one series' samples whose labels include ``match``; reads only that series, so the
+        terminal view can call it twice a second without collecting the whole registry."""
+        metric = self._series.get(PREFIX + series)
+        if metric is None:
+            return 0.0
+        wanted = {PREFIX + series + "_total", PREFIX + series}
+        return float(sum(s.value for fam in metric.collect() for s in fam.samples
+                         if s.name in wanted and all(s.labels.get(k) == v for k, v in match.items())))
 
 
 @dataclass
