@@ -9,9 +9,9 @@ KAFKA_BOOTSTRAP / REDIS_URL are set):
    2-core machine drifts; the mean is used) against the embedder service through the broker:
    DecodedText produced to ``texts``, timed until every EmbeddedText is on ``embeddings``
    (target: service / raw >= 0.9).  Raw encode is timed both as a user calls it (main thread) and
-   as the service calls it (``asyncio.to_thread``): on an oversubscribed machine the two differ by
-   up to 3x (measured: 24 vs 79 texts/s at load 7.7 on 2 cores), which would otherwise make the
-   service look faster than the model;
+   as the service calls it (``asyncio.to_thread``): on this shared 2-core machine the two differed
+   by up to 3x while other jobs loaded it (worker thread faster: 79 vs 24 texts/s at load 7.7) and
+   by ~10% when it was quiet, so a service/raw ratio above 1 says "noise", not "faster than the model";
 2. the same stage again with a fresh experiment (new topics, new consumer group) but the same
    cache namespace: warm vs cold wall time (target >= 20x);
 3. ``EmbeddingCache.get_many`` on 10,000 keys in batches of 1,000 from the loopback Redis, with the

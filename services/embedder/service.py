@@ -17,7 +17,7 @@ from typing import ClassVar
 from services.core.config import Config, EmbedderConfig
 from services.core.events import DecodedText, EmbeddedText
 from services.core.runtime import Incoming, Service
-from services.embedder.cache import EmbeddingCache, embed_with_cache
+from services.embedder.cache import EmbeddingCache, connect, embed_with_cache
 from services.embedder.encoder import Encoder, check_text, normalise_text
 
 
@@ -44,7 +44,7 @@ class EmbedderService(Service):
 
     async def setup(self) -> None:
         self.encoder = await make_encoder(self.cfg.embedder)
-        self.redis = self.ctx.redis()
+        self.redis = connect(self.ctx.redis_url)  # fail fast: a dead Redis degrades the cache, never stalls
         self.cache = make_cache(self.cfg, self.redis)
         m = self.metrics
         self.m_hits = m.counter("embedder_cache_hits_total", "Vectors served without encoding (cache hits "
