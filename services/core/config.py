@@ -249,6 +249,12 @@ class HypothesizerConfig(Strict):
     templated: bool = True
     llm: LLMConfig | None = None
 
+    @model_validator(mode="after")
+    def _llm_needed(self) -> HypothesizerConfig:
+        if self.labeler == "llm" and self.llm is None:  # labelling offline instead would hide a typo
+            raise ValueError("an llm section is required when labeler is 'llm'")
+        return self
+
 
 class TierConfig(Strict):
     name: str

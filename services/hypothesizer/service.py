@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from services.core.config import ConfigError
 from services.core.events import CandidateCluster, Hypothesis, stable_id
 from services.core.runtime import Incoming, Service
 from services.hypothesizer.offline import describe, distinctive_terms, pick_keywords
@@ -33,22 +32,12 @@ class HypothesizerService(Service):
     async def setup(self) -> None:
         self.llm = None
         hc = self.cfg.hypothesizer
-        if hc.labeler == "llm" and hc.llm is None:  # silently labelling offline would hide a config typo
-            raise ConfigError("hypothesizer.llm: an llm section is required when hypothesizer.labeler is 'llm'")
-        if hc.labeler == "llm" and hc.llm is not None:
-            from services.llm.client import RedisBudget  # noqa: F401 - validated at start-up
-            from services.llm.factory import make_llm_client
+        if hc.labeler == "llm" and hc.llm is not None:  # the config guarantees the section exists
+            from services.llm.factory import experiment_llm_client
 
             self.redis = self.ctx.redis()
-            self.llm = make_llm_client(hc.llm, redis=self.redis, namespace=self.cfg.cache.namespace,
-                                       budget=self._budget())
+            self.llm = experiment_llm_client(self.cfg, hc.llm, self.redis)
         self.m_hyp = self.metrics.counter("hypotheses_total", "Hypotheses proposed", ["labeler", "kind"])
-
-    def _budget(self):
-        from services.llm.client import RedisBudget
-
-        return RedisBudget(self.redis, namespace=self.cfg.cache.namespace,
-                           experiment_id=self.ctx.experiment_id, limit_usd=self.cfg.experiment.budget_usd)
 
     async def handle(self, batch: list[Incoming]) -> None:
         for item in batch:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.core.config import LLMConfig
+from services.core.config import Config, LLMConfig
 from services.llm.client import Budget, CallRecorder, InProcessBudget, LLMClient, RedisBudget, ResponseCache
 from services.llm.providers import PROVIDERS
 
@@ -29,3 +29,11 @@ def make_budget(limit_usd: float, *, redis: Any = None, namespace: str = "ai",
     if redis is None:
         return InProcessBudget(limit_usd)
     return RedisBudget(redis, namespace, experiment_id, limit_usd)
+
+
+def experiment_llm_client(cfg: Config, llm: LLMConfig, redis: Any) -> LLMClient:
+    """The client every service of an experiment uses: the shared Redis response cache and the
+    experiment's one budget (``experiment.budget_usd``), so replicas and tiers never overspend."""
+    budget = make_budget(cfg.experiment.budget_usd, redis=redis, namespace=cfg.cache.namespace,
+                         experiment_id=cfg.experiment_id)
+    return make_llm_client(llm, redis=redis, namespace=cfg.cache.namespace, budget=budget)

@@ -108,13 +108,9 @@ class ValidatorService(Service):
         raise ValueError(f"validator tier {c.name!r}: kind {c.kind!r} is not available in this build")
 
     def _llm_client(self, llm: LLMConfig) -> LLMClient:
-        """A client with the Redis response cache and the experiment's shared budget."""
-        from services.llm.client import RedisBudget
-        from services.llm.factory import make_llm_client
+        from services.llm.factory import experiment_llm_client
 
-        budget = RedisBudget(self.redis, namespace=self.cfg.cache.namespace,
-                             experiment_id=self.ctx.experiment_id, limit_usd=self.cfg.experiment.budget_usd)
-        return make_llm_client(llm, redis=self.redis, namespace=self.cfg.cache.namespace, budget=budget)
+        return experiment_llm_client(self.cfg, llm, self.redis)
 
     async def handle(self, batch: list[Incoming]) -> None:
         for item in batch:
