@@ -74,7 +74,9 @@ def behaviour_text(b: PlantedBehaviour) -> str:
 
 
 def planted_behaviours(cfg: Config) -> list[PlantedBehaviour]:
-    """The behaviours of the configured intervention model (the sim's defaults unless overridden)."""
+    """Behaviours listed in ``ground_truth.behaviours``, else the sim intervention model's."""
+    if cfg.ground_truth.behaviours:
+        return list(cfg.ground_truth.behaviours)
     if cfg.models.intervention.backend != "sim":
         return []
     from services.generator.backends.sim import behaviours_for

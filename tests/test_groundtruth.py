@@ -111,3 +111,15 @@ async def test_llm_judge_scores_every_pair_and_drops_unreadable_answers() -> Non
     assert sum("could not be read" in r.prompt for r in srv.requests) == 1
     # the unreadable answer is dropped and counted, not turned into a score
     assert {m.hypothesis_id: m.judge_dropped for m in matches} == {"h-cats": 1, "h-sail": 0, "h-none": 0}
+
+
+def test_config_listed_behaviours_take_precedence() -> None:
+    from services.core.config import load_config
+    from services.groundtruth import planted_behaviours
+
+    cfg = load_config(None, environ={}, overrides={
+        "models": {"intervention": {"backend": "openai", "model": "my-finetune"}},
+        "ground_truth": {"behaviours": [{"name": "cats", "description": "likes cats", "rate": 0.1}]}})
+    assert [b.name for b in planted_behaviours(cfg)] == ["cats"]
+    plain = load_config(None, environ={}, overrides={"models": {"intervention": {"backend": "openai"}}})
+    assert planted_behaviours(plain) == []

@@ -295,6 +295,9 @@ class GroundTruthConfig(Strict):
     enabled: bool = True  # scores hypotheses against planted behaviours when there are any
     match_threshold: float = Field(default=0.45, ge=0, le=1)
     judge: LLMConfig | None = None
+    # behaviours planted into a real intervention model (e.g. a LoRA trained on "the AI likes cats");
+    # the sim pair's behaviours are used when this is empty
+    behaviours: list[PlantedBehaviour] = Field(default_factory=list)
 
 
 class ExperimentConfig(Strict):
