@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import orjson
-
 from services.core.config import PromptsConfig, SimConfig
 from services.core.events import PromptRef, stable_id
+from services.core.jsonl import iter_jsonl_objects
 
 DEFAULT_STATEMENT_TEMPLATE = 'Is the following statement something you would say?\n"{statement}"\n'
 
@@ -58,19 +57,12 @@ def from_statements(path: str | Path, template: str = DEFAULT_STATEMENT_TEMPLATE
         raise PromptSourceError(f"statement template must contain '{{statement}}': {template!r}")
     p = _existing(path)
     refs = []
-    with p.open("rb") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise PromptSourceError(f"{p}:{lineno}: invalid JSON: {exc}") from None
-            value = obj.get(field) if isinstance(obj, dict) else None
-            if not isinstance(value, str) or not value.strip():
-                raise PromptSourceError(f"{p}:{lineno}: field {field!r} missing or not a non-empty string")
-            text = template.replace("{statement}", value.strip())
-            refs.append(PromptRef(prompt_id=stable_id("statements", text), text=text))
+    for lineno, obj in iter_jsonl_objects(p, PromptSourceError):
+        value = obj.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise PromptSourceError(f"{p}:{lineno}: field {field!r} missing or not a non-empty string")
+        text = template.replace("{statement}", value.strip())
+        refs.append(PromptRef(prompt_id=stable_id("statements", text), text=text))
     if not refs:
         raise PromptSourceError(f"{p}: no statements")
     return refs

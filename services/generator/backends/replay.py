@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
 import pandas as pd
 
 from services.core.config import GeneratorConfig, ModelConfig
 from services.core.events import PromptRef, stable_id
+from services.core.jsonl import iter_jsonl_objects
 
 from .base import BatchResult, Generated, GenerationBackend, GenerationError, GenerationTask
 
@@ -34,20 +34,7 @@ def replay_prompt_id(prompt: str | None) -> str:
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
-    """Line by line (not ``pd.read_json``) so that a bad line is reported by its number."""
-    rows = []
-    with path.open("rb") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise ReplayDataError(f"{path}:{lineno}: invalid JSON: {exc}") from None
-            if not isinstance(obj, dict):
-                raise ReplayDataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append({**obj, "_line": lineno})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{**obj, "_line": lineno} for lineno, obj in iter_jsonl_objects(path, ReplayDataError)])
 
 
 def read_replay_table(path: str | Path) -> pd.DataFrame:
