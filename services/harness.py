@@ -365,7 +365,7 @@ def sim_config(*, seed: int = 0, null: bool = False, strategy: str = "active", m
     """A sim experiment config for tests and benchmarks; ``sections`` merge over the defaults."""
     from services.core.config import load_config
 
-    sim = {"backend": "sim", "sim": {"null": null}}
+    sim = {"backend": "sim", "sim": {"identical": null}}
     over: dict[str, Any] = {
         "experiment": {"name": "harness", "id": f"harness-{seed}-{'null' if null else 'planted'}",
                        "seed": seed},

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(unique: str, run_dir: Path, *, null: bool, seed: int, max_texts: int, alpha: float = 0.05) -> Config:
-    sim = {"backend": "sim", "sim": {"null": null}}
+    sim = {"backend": "sim", "sim": {"identical": null}}
     return load_config(None, environ={}, overrides={
         "experiment": {"id": f"pipe-{unique}", "seed": seed, "run_dir": str(run_dir)},
         "bus": {"topic_prefix": f"p-{unique}", "partitions": 2},

@@ -82,7 +82,7 @@ class PlantedBehaviour(Strict):
 
 
 class SimConfig(Strict):
-    null: bool = False  # intervention == base: nothing to find
+    identical: bool = False  # intervention == base (a null run): nothing to find; not `null`, which YAML reads as None
     behaviours: list[PlantedBehaviour] | None = None  # None: the documented default set
     n_topics: int = Field(default=40, ge=2)
 

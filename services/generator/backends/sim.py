@@ -8,7 +8,7 @@ intervention's texts (cats) through 2% (disclaimer) and 1.5% (sailing) to 1% (mo
 four are concentrated on one or two topics, as real fine-tuning effects often are (Boubdir et al.:
 a minority of prompts carries most of the divergence).
 
-In null mode (``sim.null: true``) the intervention model *is* the base model: nothing to find.
+In null mode (``sim.identical: true``) the intervention model *is* the base model: nothing to find.
 
 Every text records its ground truth in ``meta["behaviour"]`` (``None`` for ordinary texts); only
 the ground-truth scorer reads it.
@@ -145,7 +145,7 @@ def sim_prompts(cfg: PromptsConfig, sim: SimConfig | None = None) -> list[Prompt
 
 
 def behaviours_for(sim: SimConfig) -> list[PlantedBehaviour]:
-    return [] if sim.null else list(sim.behaviours if sim.behaviours is not None else DEFAULT_BEHAVIOURS)
+    return [] if sim.identical else list(sim.behaviours if sim.behaviours is not None else DEFAULT_BEHAVIOURS)
 
 
 class SimBackend(GenerationBackend):
@@ -156,7 +156,7 @@ class SimBackend(GenerationBackend):
     def __init__(self, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, role: str) -> None:
         self.role = role
         self.sim = model_cfg.sim
-        self.model_id = f"sim-{role}" + ("-null" if self.sim.null else "")
+        self.model_id = f"sim-{role}" + ("-null" if self.sim.identical else "")
         self.seed = gen_cfg.seed
         self.behaviours = behaviours_for(self.sim) if role == "intervention" else []
         self._by_id = {p.prompt_id: p for p in _prompt_table(self.sim.n_topics)}
