@@ -17,8 +17,9 @@ from aiohttp import web
 
 from services.core.config import GeneratorConfig, ModelConfig
 from services.generator.backends.base import DecodingParams, GenerationTask
-from services.generator.backends.openai_backend import OpenAIBackend, parse_retry_after, split_tokens
+from services.generator.backends.openai_backend import OpenAIBackend, split_tokens
 from services.generator.backends.transformers_backend import TransformersBackend, build_tiny_random_lm
+from services.llm.providers import parse_retry_after
 
 GREEDY = DecodingParams(temperature=0.0, max_new_tokens=6)
 SAMPLE = DecodingParams(temperature=1.0, max_new_tokens=6, no_repeat_ngram_size=2)
@@ -376,9 +377,9 @@ async def test_openai_logprobs(server_factory: Callable[..., Any]) -> None:
 
 
 def test_retry_after_and_token_split_helpers() -> None:
-    assert parse_retry_after("2.5") == 2.5
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
-    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after({"retry-after": "2.5"}) == 2.5
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0  # a date in the past
+    assert parse_retry_after({}) is None and parse_retry_after({"retry-after": "soon"}) is None
     shares = split_tokens(10, ["a", "bbb", "cccccc"])
     assert sum(shares) == 10 and shares == sorted(shares)
     assert Counter(split_tokens(7, ["x"])) == Counter([7])

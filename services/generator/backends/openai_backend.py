@@ -11,11 +11,9 @@ never logged.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import os
 import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +22,7 @@ import orjson
 
 from services.core.config import GeneratorConfig, ModelConfig
 from services.core.events import stable_id
+from services.llm.providers import parse_retry_after  # one Retry-After parser for every HTTP client
 
 from .base import BatchResult, Generated, GenerationBackend, GenerationError, GenerationTask
 
@@ -37,21 +36,6 @@ class _Retriable(Exception):
         super().__init__(detail)
         self.kind = kind
         self.retry_after = retry_after
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def split_tokens(total: int, texts: list[str]) -> list[int]:
@@ -124,7 +108,7 @@ class OpenAIBackend(GenerationBackend):
         except httpx.TransportError as exc:
             raise _Retriable("connect", f"{type(exc).__name__}: {exc}") from exc
         if resp.status_code == 429:
-            raise _Retriable("429", "HTTP 429", parse_retry_after(resp.headers.get("retry-after")))
+            raise _Retriable("429", "HTTP 429", parse_retry_after(resp.headers))
         if resp.status_code >= 500:
             raise _Retriable("5xx", f"HTTP {resp.status_code}")
         if resp.status_code >= 400:
