@@ -86,11 +86,9 @@ class Service(ABC):
         self.health = Health(self.name, ctx.cfg.observability.stall_after_s)
         self.producer = Producer(ctx.cfg.bus, ctx.bootstrap, ctx.topics, source=self.source)
         self._stop = asyncio.Event()
-        self._finished = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._probe: AIOKafkaConsumer | None = None  # for lag queries, never joins a group
         self._lag_task: asyncio.Task[None] | None = None
-        self._extra_topics: list[str] = []
 
     # ------------------------------------------------------------------ hooks
 
@@ -104,7 +102,7 @@ class Service(ABC):
         return f"{self.ctx.topics.prefix}.{self.ctx.experiment_id}.{self.name}"
 
     def input_topics(self) -> list[str]:
-        return [self.ctx.topics.name(e.topic) for e in self.consumes] + self._extra_topics
+        return [self.ctx.topics.name(e.topic) for e in self.consumes]
 
     def decode(self, record: ConsumerRecord) -> Event:
         """Decode a record of one of the consumed topics (override for custom topics)."""
@@ -202,9 +200,7 @@ class Service(ABC):
         finally:
             self.health.running = False
             self.metrics.healthy.labels(self.name).set(0)
-            with contextlib.suppress(Exception):
-                await self.producer.flush()
-            await self._drain_and_commit()
+            await self._drain_and_commit()  # flushes the producer before committing
             if self._lag_task is not None:
                 self._lag_task.cancel()
                 with contextlib.suppress(BaseException):
@@ -215,7 +211,6 @@ class Service(ABC):
                         await c.stop()
             await self.teardown()
             await self.producer.stop()
-            self._finished.set()
 
     async def _poll_once(self) -> None:
         assert self._consumer is not None
@@ -320,9 +315,6 @@ class Service(ABC):
         ok, detail = self.health.status()
         self.health.detail = detail
         self.metrics.healthy.labels(self.name).set(1 if ok else 0)
-
-    async def wait_finished(self) -> None:
-        await self._finished.wait()
 
 
 def _short(exc: BaseException) -> str:
