@@ -1,16 +1,22 @@
 """Active vs uniform sampling: generated texts until every planted behaviour is found and validated.
 
-On the simulated pair with its four planted behaviours (cats 5%, disclaimer 2%, sailing 1.5%,
-moon 1% of the intervention's texts), each strategy runs in process (services/harness.py: the
-pipeline's own policy, generator, clusterer, hypothesizer and validator code) until every
-behaviour has a validated hypothesis whose cluster is mostly that behaviour's texts, or until the
-cap.  Both strategies share every clusterer/validator setting; only ``controller.strategy``
-differs.  A run that hits the cap counts as "> cap" (the median is then a lower bound).
+On the simulated pair with its four planted behaviours (cats 5% of the intervention's texts on
+every prompt; disclaimer 2%, sailing 1.5% and moon 1%, each on a few topics' prompts), each
+strategy runs in process (services/harness.py: the pipeline's own policy, generator, clusterer,
+hypothesizer and validator code) until every behaviour has a validated hypothesis whose cluster is
+mostly that behaviour's texts, or until the cap.  The strategies share every clusterer/validator
+setting; only ``controller.strategy`` differs.  A run that hits the cap counts as "> cap" (the
+median is then a lower bound).
+
+``oracle`` is a ceiling, not a strategy: the active policy with its targeted texts spread over
+exactly the prompts whose topics trigger a behaviour (the sim's ground truth), with the same
+probe, exploration and round sizes.  uniform/oracle is the most any prompt-targeting policy could
+gain with this clusterer and validator.
 
 Clustering quality: NMI between the online clusterer's assignment of the run's texts (nearest of
 its final centroids) and full-batch sklearn KMeans with the same k on the same texts.
 
-    .venv/bin/python bench/active_sampling.py [--seeds 5] [--encoder hashing|minilm] [--max-texts 60000]
+    .venv/bin/python bench/active_sampling.py [--seeds 10] [--encoder hashing|minilm] [--max-texts 60000]
 
 The last line is ``uniform_vs_active_texts=<median uniform / median active>``.
 """
@@ -31,9 +37,23 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.controller.contrast import ContrastView
+from services.controller.policy import SamplingPolicy
 from services.core.config import EmbedderConfig
 from services.embedder.encoder import Encoder
+from services.generator.backends.sim import _prompt_table, behaviours_for
 from services.harness import HarnessResult, run_experiment, sim_config
+
+
+class OraclePolicy(SamplingPolicy):
+    """The active policy, except that its targeted texts go, in equal shares, to the prompts whose
+    topic triggers a planted behaviour: perfect prompt targeting, for a ceiling."""
+
+    def _by_mode(self, view: ContrastView, n_texts: int) -> dict[str, int]:
+        sim = self.cfg_sim
+        triggering = {b_topic for b in behaviours_for(sim) for b_topic in b.trigger_topics}
+        pids = [p.prompt_id for p in _prompt_table(sim.n_topics) if p.topic in triggering and p.prompt_id in self.by_id]
+        return self._allocate(dict.fromkeys(pids, 1.0), n_texts)
 
 
 @dataclass
@@ -81,9 +101,17 @@ def run_one(strategy: str, seed: int, encoder: Encoder, cap: int, nmi_rows: int,
             controller: dict[str, object] | None = None, clusterer: dict[str, object] | None = None) -> Run:
     t = time.perf_counter()
     # stop_when_stable off: the question is texts-until-found, so neither strategy may stop early
-    cfg = sim_config(seed=seed, strategy=strategy, max_texts=cap,
+    cfg = sim_config(seed=seed, strategy="active" if strategy == "oracle" else strategy, max_texts=cap,
                      controller={"stop_when_stable": False, **(controller or {})}, clusterer=clusterer or {})
-    r = run_experiment(cfg, encoder=encoder, until_all_found=True, keep_vectors=nmi_rows > 0)
+    policy_cls: type[SamplingPolicy] = SamplingPolicy
+    if strategy == "oracle":
+        sim_cfg = cfg.models.intervention.sim
+
+        class _Oracle(OraclePolicy):
+            cfg_sim = sim_cfg
+
+        policy_cls = _Oracle
+    r = run_experiment(cfg, encoder=encoder, until_all_found=True, keep_vectors=nmi_rows > 0, policy_cls=policy_cls)
     seconds = time.perf_counter() - t
     texts = max(r.found_at.values()) if r.all_found else r.texts
     nmi, ref = nmi_vs_batch(r, nmi_rows, seed) if nmi_rows > 0 else (None, None)
@@ -108,16 +136,16 @@ def summary(runs: list[Run]) -> tuple[float, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--encoder", choices=["hashing", "minilm"], default="hashing")
     ap.add_argument("--max-texts", type=int, default=60000, help="cap per run (both roles together)")
     ap.add_argument("--nmi-rows", type=int, default=12000, help="texts per run for the NMI (0: skip)")
-    ap.add_argument("--strategies", default="active,uniform")
+    ap.add_argument("--strategies", default="active,uniform,oracle")
     ap.add_argument("--initial-texts", type=int, default=None,
-                    help="controller.initial_texts for both strategies (default: the config default, 5,000)")
-    ap.add_argument("--round-texts", type=int, default=None, help="controller.round_texts for both strategies")
+                    help="controller.initial_texts for every strategy (default: the config default)")
+    ap.add_argument("--round-texts", type=int, default=None, help="controller.round_texts for every strategy")
     ap.add_argument("--k-initial", type=int, default=None,
-                    help="clusterer.k_initial for both strategies (warm-up scales to 20 texts per cluster)")
+                    help="clusterer.k_initial for every strategy (warm-up scales to 20 texts per cluster)")
     args = ap.parse_args()
     encoder = make_encoder(args.encoder)
     print(f"sim pair, planted behaviours; encoder={args.encoder}; cap={args.max_texts:,} texts; "
@@ -142,6 +170,9 @@ def main() -> None:
     for strategy, runs in results.items():
         meds[strategy], line = summary(runs)
         print(f"{strategy:8s}: {line}")
+    if "oracle" in meds and "uniform" in meds:
+        print(f"ceiling: uniform_vs_oracle_texts={meds['uniform'] / meds['oracle']:.2f} "
+              "(perfect prompt targeting with this clusterer and validator)")
     if "active" in meds and "uniform" in meds:
         ratio = meds["uniform"] / meds["active"]
         print(f"uniform_vs_active_texts={ratio:.2f}")

@@ -198,7 +198,8 @@ class Harness:
     """One experiment, driven round by round; see :func:`run_experiment`."""
 
     def __init__(self, cfg: Config, encoder: Encoder, *, until_all_found: bool = False,
-                 keep_vectors: bool = False, keep_texts: bool = False) -> None:
+                 keep_vectors: bool = False, keep_texts: bool = False,
+                 policy_cls: type[SamplingPolicy] = SamplingPolicy) -> None:
         self.cfg = cfg
         self.encoder = encoder
         self.until_all_found = until_all_found
@@ -208,7 +209,7 @@ class Harness:
         self.cluster_terms: dict[str, list[str]] = {}
         self.rng = random.Random(stable_id(cfg.experiment_id, cfg.experiment.seed, "harness"))
         prompts = load_prompts(cfg.prompts, cfg.models.intervention.sim)
-        self.policy = SamplingPolicy(cfg.controller, prompts, seed=cfg.experiment.seed)
+        self.policy = policy_cls(cfg.controller, prompts, seed=cfg.experiment.seed)
         self.state = ClusterState(cfg.clusterer, cfg.experiment_id, alpha=cfg.validator.alpha)
         self.behaviours = planted_behaviours(cfg)
         self.ctx = _context(cfg)
@@ -258,7 +259,7 @@ class Harness:
         ordered = _interleave(texts, self.rng)
         X = await self._embed(ordered)
         for t, x in zip(ordered, X, strict=True):  # the controller consumes every embedding
-            self.policy.observe_embedding(t.prompt_id, t.role, x)
+            self.policy.observe_embedding(t.prompt_id, t.role, x, t.text_id, t.pair_id)
             self.truth[t.text_id] = (t.role, t.meta.get("behaviour"))
         if self.keep_texts:
             self.decoded += ordered
@@ -316,6 +317,7 @@ class Harness:
             self.validations += decisions
             self.final[h.hypothesis_id] = decisions[-1]
             if decisions[-1].decision == "validated":
+                self.policy.observe_explained(h.label_text_ids + [t.text_id for t in h.holdout_texts])
                 await self._score(h)
 
     async def _score(self, h: Hypothesis) -> None:
@@ -337,7 +339,8 @@ class Harness:
 
 
 async def arun_experiment(cfg: Config, *, encoder: Encoder | None = None, until_all_found: bool = False,
-                          keep_vectors: bool = False, keep_texts: bool = False) -> HarnessResult:
+                          keep_vectors: bool = False, keep_texts: bool = False,
+                          policy_cls: type[SamplingPolicy] = SamplingPolicy) -> HarnessResult:
     """Async form of :func:`run_experiment` (for callers already in an event loop)."""
     cfg = cfg.model_copy(deep=True).resolve_ids()
     if encoder is None:
@@ -345,19 +348,21 @@ async def arun_experiment(cfg: Config, *, encoder: Encoder | None = None, until_
 
         encoder = await make_encoder(cfg.embedder)
     return await Harness(cfg, encoder, until_all_found=until_all_found, keep_vectors=keep_vectors,
-                         keep_texts=keep_texts).run()
+                         keep_texts=keep_texts, policy_cls=policy_cls).run()
 
 
 def run_experiment(cfg: Config, *, encoder: Encoder | None = None, until_all_found: bool = False,
-                   keep_vectors: bool = False, keep_texts: bool = False) -> HarnessResult:
+                   keep_vectors: bool = False, keep_texts: bool = False,
+                   policy_cls: type[SamplingPolicy] = SamplingPolicy) -> HarnessResult:
     """Run one experiment in process.
 
     The budget is ``controller.max_texts``; with ``until_all_found`` the run also stops once every
     planted behaviour has a validated hypothesis matching it (by cluster purity).  ``encoder``
     defaults to the configured embedder (``embedder.backend: hashing`` for the fast one).
+    ``policy_cls`` swaps the controller's policy (benchmarks use it for an oracle ceiling).
     """
     return asyncio.run(arun_experiment(cfg, encoder=encoder, until_all_found=until_all_found,
-                                       keep_vectors=keep_vectors, keep_texts=keep_texts))
+                                       keep_vectors=keep_vectors, keep_texts=keep_texts, policy_cls=policy_cls))
 
 
 def sim_config(*, seed: int = 0, null: bool = False, strategy: str = "active", max_texts: int = 20000,

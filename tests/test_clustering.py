@@ -378,3 +378,39 @@ def test_state_refuses_other_engine_and_short_warmup() -> None:
         ClusterState.from_bytes(st.to_bytes(), small_cfg(engine="river"))
     with pytest.raises(ValueError, match="warmup"):
         ClusterState(small_cfg(k_initial=20, k_max=20, warmup=10), "exp")
+
+
+def test_reported_cluster_that_keeps_growing_is_split_and_its_parts_tested() -> None:
+    """A cluster reported early for one difference (A) later collects a second one (B) that appears
+    only after the warm-up, near A: once it has grown by ``resplit_growth`` it is split, and B's
+    part is reported on its own."""
+    rng = np.random.default_rng(11)
+    d = 32
+    centres = random_centres(rng, 6, d)
+    a_centre = centres[5]
+    b_centre = unit((a_centre + 0.5 * random_centres(rng, 1, d)[0])[None])[0]
+    n = 6000
+    blob = rng.choice(6, size=n, p=[0.19] * 5 + [0.05])  # 0-4 null background, 5 = A
+    late = np.arange(n) > 2500
+    is_b = late & (rng.random(n) < 0.05)
+    X = mixture(rng, n, centres)[0]
+    X[blob == 5] = unit(a_centre + 0.04 * rng.normal(size=((blob == 5).sum(), d)))
+    X[is_b] = unit(b_centre + 0.04 * rng.normal(size=(is_b.sum(), d)))
+    roles = ROLES[np.where((blob == 5) | is_b, 1, rng.random(n) < 0.5).astype(int)]
+    ids = text_ids(rng, n)
+    cfg = small_cfg(k_initial=6, k_max=20, warmup=600, split_every=250, split_min_size=100_000,
+                    mixed_split_min_size=100_000, resplit_growth=1.5, resplit_min_size=40)
+    st = ClusterState(cfg, "exp")
+    cands = [c for r in feed(st, X, roles, ids, batch=200) for c in r.candidates]
+    def members(c):
+        return {t.text_id for t in c.label_texts + c.holdout_texts if t.role == "intervention"}
+    b_ids = {t for t, b in zip(ids, is_b, strict=True) if b}
+    a_ids = {t for t, b in zip(ids, blob, strict=True) if b == 5}
+    first = cands[0]
+    assert len(members(first) & a_ids) > len(members(first) & b_ids)  # A was reported first
+    assert first.cluster_id in st.engine.retired  # ... and its cluster split once B came in
+    later = [c for c in cands[1:] if len(members(c) & b_ids) > 0.8 * len(members(c))]
+    assert later, "B's part of the split cluster was never reported"
+    # the growth bookkeeping survives a restore
+    restored = ClusterState.from_bytes(st.to_bytes(), cfg)
+    assert restored._emitted_at == st._emitted_at

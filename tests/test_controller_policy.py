@@ -33,7 +33,8 @@ def _run(strategy: str, seed: int) -> tuple[int, int]:
                 out = asyncio.run(backend.generate(tasks)).texts
                 vecs = enc.encode([g.text for g in out])
                 for g, v in zip(out, vecs, strict=True):
-                    policy.observe_embedding(g.prompt_id, role, np.asarray(v))
+                    pair = f"{rnd}:{i}:{g.prompt_id}:{g.sample_index}"  # the two roles' texts share it
+                    policy.observe_embedding(g.prompt_id, role, np.asarray(v), f"{pair}:{role}", pair)
                     if role == "intervention":
                         total += 1
                         planted += g.meta["behaviour"] is not None

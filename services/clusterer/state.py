@@ -122,14 +122,15 @@ def reservoir_slots(keys: np.ndarray, u: np.ndarray, seen: dict[int, int],
     return keep, slot[keep]
 
 
-def role_divergence(X: np.ndarray, roles: np.ndarray, min_per_role: int = 4) -> float:
-    """Unbiased squared distance between the two roles' mean vectors (0 when too few samples)."""
+def role_divergence(X: np.ndarray, roles: np.ndarray, min_per_role: int = 4) -> tuple[float, float]:
+    """(unbiased squared distance between the two roles' mean vectors, its noise term
+    tr(S_0)/n_0 + tr(S_1)/n_1); (0, inf) when a role has too few samples."""
     parts = [X[roles == r] for r in (0, 1)]
     if min(len(p) for p in parts) < min_per_role:
-        return 0.0
+        return 0.0, float("inf")
     means = [p.mean(axis=0) for p in parts]
     noise = sum(float(((p - m) ** 2).sum()) / (len(p) - 1) / len(p) for p, m in zip(parts, means, strict=True))
-    return float(((means[0] - means[1]) ** 2).sum()) - noise
+    return float(((means[0] - means[1]) ** 2).sum()) - noise, noise
 
 
 def _put(items: list[Any], slot: int, value: Any) -> None:
@@ -167,6 +168,7 @@ class ClusterState:
         self._own = np.zeros((0, 2), np.int64)  # indexed by cluster id (ids are dense)
         self._inherited = np.zeros((0, 2), np.int64)
         self._emitted: set[int] = set()
+        self._emitted_at: dict[int, int] = {}  # cluster id -> own texts when it became a candidate
         self._text_seen: dict[int, int] = {}  # key cid*4 + role*2 + is_label -> items offered
         self._text_res: dict[int, list[RefTuple]] = {}
         self._vec_seen: dict[int, int] = {}
@@ -310,7 +312,8 @@ class ClusterState:
 
     # ================================================================== growth
     def _grow(self) -> None:
-        """Split toward k_max: first the clusters whose two sides sit apart, then by estimated SSE.
+        """Split toward k_max: first reported clusters that kept growing (:meth:`_regrown`), then
+        the clusters whose two sides sit apart, then by estimated SSE.
 
         A cluster that mixes a behaviour with the ordinary texts of the same prompts keeps a 50/50
         share (generation is paired), so its share test cannot fire until the behaviour has its
@@ -326,18 +329,38 @@ class ClusterState:
         for row, cid in enumerate(self.engine.ids):
             total = int(self._own[cid].sum() + self._inherited[cid].sum())
             Xr, roles = self._members(cid)
-            if total < self.cfg.split_min_size or len(Xr) < MIN_SPLIT_MEMBERS:
+            if total < min(self.cfg.split_min_size, self.cfg.mixed_split_min_size) or len(Xr) < MIN_SPLIT_MEMBERS:
                 continue
-            disp = float(np.mean(np.sum((Xr - self.engine.centroids[row]) ** 2, axis=1)))
-            sse.append((total * disp, cid))
-            div = role_divergence(Xr, roles)
-            if div > 0:
+            div, noise = role_divergence(Xr, roles)
+            # a small cluster is split only when its two sides clearly sit apart (divergence above
+            # its own noise term); a large one whenever they do, or by size
+            if div > 0 and (total >= self.cfg.split_min_size or div >= noise):
                 mixed.append((div, cid))
+            if total >= self.cfg.split_min_size:
+                disp = float(np.mean(np.sum((Xr - self.engine.centroids[row]) ** 2, axis=1)))
+                sse.append((total * disp, cid))
         budget = min(room, self.cfg.max_splits_per_check)
-        chosen = [cid for _, cid in sorted(mixed, reverse=True)[: max(1, budget // 2)]]
+        chosen = [cid for _, cid in sorted(self._regrown(), reverse=True)[:budget]]
+        chosen += [cid for _, cid in sorted(mixed, reverse=True) if cid not in chosen][: max(1, budget // 2)]
         chosen += [cid for _, cid in sorted(sse, reverse=True) if cid not in chosen][: budget - len(chosen)]
         for cid in chosen[:budget]:
             self._split(cid)
+
+    def _regrown(self) -> list[tuple[float, int]]:
+        """(growth, id) of reported clusters that kept growing: ``resplit_growth`` times their size
+        when they became candidates.  A reported cluster is never tested again, and early clusters
+        are coarse: one that first showed a common behaviour can go on to collect a rare one's
+        texts, which then stay unreported.  Splitting it gives the parts their own tests (on texts
+        assigned after the split, as for any split)."""
+        out = []
+        for cid, at in self._emitted_at.items():
+            if cid not in self._vec_res:  # retired, or no member sample
+                continue
+            own = int(self._own[cid].sum())
+            if (own >= self.cfg.resplit_growth * max(at, 1) and own >= self.cfg.resplit_min_size
+                    and self._vec_res[cid][2][0] >= MIN_SPLIT_MEMBERS):
+                out.append((own / max(at, 1), cid))
+        return out
 
     def _members(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
         if cid not in self._vec_res:
@@ -370,6 +393,7 @@ class ClusterState:
             self._vec_seen[child] = m
         self._vec_res.pop(cid, None)
         self._vec_seen.pop(cid, None)
+        self._emitted_at.pop(cid, None)
         for key in range(cid * 4, cid * 4 + 4):  # a retired id's samples are never used again
             self._text_res.pop(key, None)
             self._text_seen.pop(key, None)
@@ -396,6 +420,7 @@ class ClusterState:
         for row in np.flatnonzero(hit).tolist():
             cid = int(view.ids[row])
             self._emitted.add(cid)
+            self._emitted_at[cid] = int(n[row])
             out.append(self._candidate(cid, float(log_e[row])))
         return out
 
@@ -572,6 +597,7 @@ class ClusterState:
             "rng": {"state": str(rng["state"]["state"]), "inc": str(rng["state"]["inc"]),
                     "has_uint32": rng["has_uint32"], "uinteger": rng["uinteger"]},
             "warm_meta": self._warm_meta, "emitted": sorted(self._emitted),
+            "emitted_at": sorted(self._emitted_at.items()),
             "text_seen": list(self._text_seen.items()), "text_res": list(self._text_res.items()),
             "vec_seen": list(self._vec_seen.items()),
             "vec_filled": [[c, self._vec_res[c][2][0]] for c in vec_ids],
@@ -609,6 +635,7 @@ class ClusterState:
         st._warm_meta = [_ref_tuple(t) for t in meta["warm_meta"]]
         st._warm_keys = arrays["warm_keys"].tolist()
         st._emitted = set(meta["emitted"])
+        st._emitted_at = {int(c): int(n) for c, n in meta.get("emitted_at", [])}
         st._text_seen = {int(k): int(v) for k, v in meta["text_seen"]}
         st._text_res = {int(k): [_ref_tuple(t) for t in v] for k, v in meta["text_res"]}
         st._vec_seen = {int(k): int(v) for k, v in meta["vec_seen"]}

@@ -1,22 +1,23 @@
-"""Where to spend the generation budget: uniform, or active (probe, rank, target).
+"""Where to spend the generation budget: uniform, or active (probe, find modes, sample them).
 
-Active sampling follows the seed plan (strategies 1 and 3) with the statistics kept honest:
-generation is always *paired* (every planned prompt goes to both models with the same n), so the
+Generation is always *paired* (every planned prompt goes to both models with the same n), so the
 clusterer's "no difference" null stays exactly P(intervention | cluster) = 1/2 however adaptively
-prompts are chosen.
+prompts are chosen: adaptivity changes where evidence is gathered, never what it means.
 
-1. Probe: the initial budget is spread uniformly over every prompt (at least ``probe_samples``
-   per prompt and role).
-2. Rank: per prompt, the bias-corrected squared distance between the two models' mean
-   embeddings, d = ||mu_b - mu_i||^2 - T with T = tr(S_b)/n_b + tr(S_i)/n_i (unbiased for the
-   true squared distance), divided by its noise term T: unbiased is not enough, because the
-   spread of d is largest where samples are fewest, so ranking by d lets lightly sampled prompts
-   win by chance.  d / T stays near 0 on prompts where the models agree and grows with the
-   samples where they differ.
-3. Target: each round gives ``1 - exploration_share`` of its texts to the top-ranked prompts with
-   d / T >= ``min_signal_to_noise`` (equal shares, so a strong behaviour does not starve a weak
-   one) and to prompts named by uncertainty events (unresolved shares, drift, boundaries, small
-   clusters, partly as continuations of exemplar texts), and the rest uniformly at random.
+1. Probe: ``initial_texts`` spread evenly over the prompts, at least ``probe_samples`` per prompt
+   and model (a random subset of prompts when the set is larger than that budget).
+2. Score texts, not prompts: :class:`ContrastIndex` marks *hot* texts (texts that sit among texts
+   of their own model only, against a pair-swap null) and links them into *modes*, roughly one per
+   behaviour.  One or two samples per prompt suffice; ranking prompts by the divergence of the two
+   models' mean embeddings needed ~10 (the design before, measured in docs/architecture.md).
+3. Target: each round gives ``1 - exploration_share`` of its texts to targeted prompts, and the rest
+   to prompts drawn uniformly at random.  Of the targeted texts, an eighth at most continue
+   exemplar texts and a quarter go to prompts named by the clusterer's uncertainty events; the
+   rest are shared among the open modes (not saturated, not covered by a validated hypothesis),
+   and within a mode each pick goes to a prompt by Thompson sampling on the Beta posterior of "a
+   generation pair of this prompt yields a text of this mode".  Modes are served in parallel, so
+   a common behaviour does not starve a rare one; a prompt whose early hit was chance, or a
+   behaviour that shows on every prompt alike, stops attracting picks as its posterior falls.
 4. Stop: when the budget is spent, or (``stop_when_stable``) when a round's uncertainty events
    leave nothing unresolved and the clustering is stable (NMI to the previous snapshot >= 0.9).
 """
@@ -25,12 +26,17 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
+from services.controller.contrast import ContrastIndex, ContrastView
 from services.core.config import ControllerConfig
 from services.core.events import ClusterSnapshot, Exemplar, PromptRef, UncertaintyEvent
+
+K = TypeVar("K")
 
 
 @dataclass
@@ -48,13 +54,6 @@ class Plan:
         return (len(self.prompts) + len(self.exemplars)) * self.n_per_prompt
 
 
-@dataclass
-class _PromptStats:
-    n: np.ndarray  # per role: count
-    sums: np.ndarray  # per role: vector sum (2, dim)
-    sq: np.ndarray  # per role: sum of squared norms
-
-
 class SamplingPolicy:
     def __init__(self, cfg: ControllerConfig, prompts: list[PromptRef], seed: int = 0) -> None:
         if not prompts:
@@ -63,7 +62,9 @@ class SamplingPolicy:
         self.prompts = prompts
         self.by_id = {p.prompt_id: p for p in prompts}
         self.rng = random.Random(seed)
-        self.stats: dict[str, _PromptStats] = {}
+        self.np_rng = np.random.default_rng(seed)
+        self.contrast = ContrastIndex(cfg.contrast, seed=seed)
+        self.last_view: ContrastView | None = None
         self.uncertain: dict[str, float] = defaultdict(float)  # prompt id -> accumulated score
         self.exemplars: list[Exemplar] = []
         self.round = 0
@@ -73,14 +74,15 @@ class SamplingPolicy:
 
     # ------------------------------------------------------------------ observations
 
-    def observe_embedding(self, prompt_id: str, role: str, vec: np.ndarray) -> None:
-        st = self.stats.get(prompt_id)
-        if st is None:
-            st = self.stats[prompt_id] = _PromptStats(np.zeros(2), np.zeros((2, vec.shape[0])), np.zeros(2))
-        r = 0 if role == "base" else 1
-        st.n[r] += 1
-        st.sums[r] += vec
-        st.sq[r] += float(vec @ vec)
+    def observe_embedding(self, prompt_id: str, role: str, vec: np.ndarray, text_id: str = "",
+                          pair_id: str = "") -> None:
+        if self.cfg.strategy == "active":
+            self.contrast.add(text_id or f"{prompt_id}:{role}:{len(self.contrast)}", pair_id, prompt_id, role, vec)
+
+    def observe_explained(self, text_ids: list[str]) -> None:
+        """Texts of a cluster whose hypothesis was validated: that difference is found, so the
+        prompts producing more of it stop earning targeted samples."""
+        self.contrast.explain(text_ids)
 
     def observe_uncertainty(self, ev: UncertaintyEvent) -> None:
         if ev.kind in ("unresolved_share", "drift"):
@@ -96,28 +98,6 @@ class SamplingPolicy:
 
     # ------------------------------------------------------------------ planning
 
-    def _divergence_terms(self) -> dict[str, tuple[float, float]]:
-        """Per prompt: (bias-corrected divergence, its noise term tr(S_b)/n_b + tr(S_i)/n_i)."""
-        out = {}
-        for pid, st in self.stats.items():
-            if st.n.min() < 1:
-                continue
-            mu = st.sums / st.n[:, None]
-            tr = np.where(st.n > 1, (st.sq / st.n - (mu * mu).sum(1)) * st.n / np.maximum(st.n - 1, 1), 1.0)
-            noise = float((tr / st.n).sum())
-            out[pid] = (float(((mu[0] - mu[1]) ** 2).sum()) - noise, noise)
-        return out
-
-    def divergence(self) -> dict[str, float]:
-        return {p: d for p, (d, _) in self._divergence_terms().items()}
-
-    def signal_to_noise(self) -> dict[str, float]:
-        """Divergence over its noise term: near 0 for a prompt on which the two models agree, at any
-        sample size, and growing with the samples when they differ.  Ranking by the raw estimate
-        instead let lightly sampled prompts win by chance: in the sim (bench/active_sampling.py)
-        30-35 of the top 40 prompts were such chance winners for the first rounds."""
-        return {p: d / max(noise, 1e-12) for p, (d, noise) in self._divergence_terms().items()}
-
     @property
     def budget_left(self) -> int:
         return max(0, self.cfg.max_texts - self.texts_planned)
@@ -126,8 +106,11 @@ class SamplingPolicy:
         per_role = min(self.cfg.initial_texts, self.cfg.max_texts) // 2
         if self.cfg.strategy == "active":
             n = max(self.cfg.probe_samples, per_role // len(self.prompts))
-            plans = self._chunk(self.prompts, n, "divergence_probe" if self.cfg.strategy == "active" else "seed",
-                                f"probe every prompt with {n} samples per model")
+            probed = self.prompts
+            if n * len(probed) > per_role:  # more prompts than the probe can afford: a random subset
+                probed = self.rng.sample(self.prompts, max(1, per_role // n))
+            plans = self._chunk(probed, n, "divergence_probe",
+                                f"probe {len(probed)} prompts with {n} samples per model")
         else:
             plans = self._uniform(per_role, "seed", "initial uniform sample")
         return self._commit(plans)
@@ -151,15 +134,6 @@ class SamplingPolicy:
     def _active_round(self, per_role: int) -> tuple[list[Plan], str]:
         explore = round(per_role * self.cfg.exploration_share)
         exploit = per_role - explore
-        snr = self.signal_to_noise()
-        ranked = sorted(((s, p) for p, s in snr.items() if s >= self.cfg.min_signal_to_noise), reverse=True)
-        top = ranked[: max(1, len(self.prompts) // 5)]
-        weights: dict[str, float] = defaultdict(float)
-        for _, p in top:  # equal shares: a strong behaviour must not starve a weaker one
-            weights[p] += 0.75 / len(top)
-        total_unc = sum(self.uncertain.values()) or 1.0
-        for p, s in self.uncertain.items():
-            weights[p] += 0.25 * s / total_unc
         plans: list[Plan] = []
         n_ex = min(len(self.exemplars), exploit // 8)
         if n_ex:
@@ -167,26 +141,98 @@ class SamplingPolicy:
             plans.append(Plan("uncertainty", exemplars=picked, n_per_prompt=1,
                               note=f"continue {n_ex} exemplar texts from uncertain clusters"))
             exploit -= n_ex
-        if weights:
-            alloc = self._allocate(weights, exploit)
-            groups: dict[int, list[PromptRef]] = defaultdict(list)
-            for pid, n in alloc.items():
-                groups[n].append(self.by_id[pid])
-            for n, ps in sorted(groups.items()):
-                plans += self._chunk(ps, n, "uncertainty", f"targeted: {len(ps)} prompts x {n}")
-        else:
-            explore += exploit
+        n_unc = exploit // 4 if self.uncertain else 0
+        alloc: dict[str, int] = defaultdict(int)
+        for pid, n in (self._allocate(dict(self.uncertain), n_unc) if n_unc else {}).items():
+            alloc[pid] += n
+        self.last_view = view = self.contrast.refresh()
+        targeted = self._by_mode(view, exploit - n_unc)
+        for pid, n in targeted.items():
+            alloc[pid] += n
+        explore += exploit - n_unc - sum(targeted.values())  # what picks could not place (rounding)
+        groups: dict[int, list[PromptRef]] = defaultdict(list)
+        for pid, n in alloc.items():
+            groups[n].append(self.by_id[pid])
+        for n, ps in sorted(groups.items()):
+            plans += self._chunk(ps, n, "uncertainty", f"targeted: {len(ps)} prompts x {n}")
         plans += self._uniform(explore, "seed", "exploration")
         self.uncertain.clear()
         self.exemplars.clear()
-        names = ", ".join(p[:8] for _, p in top[:3])
-        reason = (f"active round {self.round}: {per_role - explore} targeted texts per model on "
-                  f"{len(weights)} prompts (top divergence: {names or 'none yet'}), {n_ex} exemplar "
-                  f"continuations, {explore} exploration")
+        top = sorted(targeted.items(), key=lambda kv: -kv[1])[:3]
+        spent = view.hot & (view.need(self.cfg.contrast.saturation_texts) == 0)
+        saturated = int(np.unique(view.mode[spent]).size)
+        reason = (f"active round {self.round}: {sum(targeted.values())} texts per model on {len(targeted)} prompts "
+                  f"by mode ({int(view.hot.sum())} hot texts in {view.n_modes} modes, {saturated} "
+                  f"saturated or explained; most: {', '.join(f'{p[:8]} x{n}' for p, n in top) or 'none'}), {n_unc} on "
+                  f"uncertain clusters' prompts, {n_ex} exemplar continuations, {explore} exploration")
         return plans, reason
 
+    def _by_mode(self, view: ContrastView, n_texts: int) -> dict[str, int]:
+        """Samples per prompt, mode by mode: every open mode (>= ``min_mode_texts`` hot texts, not
+        saturated or covered) gets a share of the picks in proportion to its need times the best
+        hit rate among its prompts, and within a mode each pick goes to the prompt with the highest
+        draw from the Beta posterior of "a generation pair of this prompt yields a text of this
+        mode".  Modes are served in parallel: a best-arm rule over prompts would spend on the
+        commonest difference first and reach a rare one only once that one is done."""
+        c = self.cfg.contrast
+        picks = n_texts // c.samples_per_pick
+        if picks <= 0:
+            return {}
+        need = view.need(c.saturation_texts)
+        open_ = view.hot & (need > 0) & (view.mode_size >= c.min_mode_texts)
+        if not open_.any():
+            return self._thompson(view, n_texts)
+        pairs: dict[str, int] = defaultdict(int)
+        for pid in view.prompt_ids:
+            pairs[pid] += 1
+        hits: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for i in np.flatnonzero(open_):
+            if view.prompt_ids[i] in self.by_id:  # not continuations of exemplars: no prompt to re-ask
+                hits[int(view.mode[i])][view.prompt_ids[i]] += 1
+        if not hits:
+            return self._thompson(view, n_texts)
+        weights: dict[int, float] = {}
+        posts: dict[int, tuple[list[str], np.ndarray, np.ndarray]] = {}
+        for m, per_prompt in hits.items():
+            pids = list(per_prompt)
+            h = np.array([per_prompt[p] for p in pids], dtype=np.float64)
+            n = np.array([max(1, pairs[p] // 2) for p in pids], dtype=np.float64)
+            a, b = h + 1.0, np.maximum(n - h, 0.0) + c.prior_strength
+            posts[m] = (pids, a, b)
+            weights[m] = float(need[view.mode == m].mean()) * float((a / (a + b)).max())
+        out: dict[str, int] = defaultdict(int)
+        for m, k in self._allocate(weights, picks).items():
+            pids, a, b = posts[m]
+            draws = self.np_rng.beta(a, b, size=(k, len(pids)))
+            for i, cnt in enumerate(np.bincount(draws.argmax(axis=1), minlength=len(pids))):
+                if cnt:
+                    out[pids[i]] += int(cnt) * c.samples_per_pick
+        return dict(out)
+
+    def _thompson(self, view: ContrastView, n_texts: int) -> dict[str, int]:
+        """Samples per prompt when no mode is open (none yet, or diffuse differences): each draw of
+        ``samples_per_pick`` goes to the prompt with the highest draw from its Beta posterior of
+        "a generation pair yields a hot text in an unsaturated mode"."""
+        c = self.cfg.contrast
+        picks = n_texts // c.samples_per_pick
+        if picks <= 0:
+            return {}
+        evidence = view.prompt_evidence(c.saturation_texts)
+        hits = np.array([evidence.get(p.prompt_id, (0.0, 0))[0] for p in self.prompts], dtype=np.float64)
+        pairs = np.array([evidence.get(p.prompt_id, (0, 0))[1] for p in self.prompts], dtype=np.float64)
+        mean = (hits.sum() + 1.0) / (pairs.sum() + 2.0)  # the pooled rate: the prior's mean
+        a = mean * c.prior_strength + hits
+        b = (1.0 - mean) * c.prior_strength + np.maximum(pairs - hits, 0.0)
+        counts = np.zeros(len(self.prompts), dtype=np.int64)
+        for start in range(0, picks, 64):  # bounded memory for large prompt sets
+            draws = self.np_rng.beta(a, b, size=(min(64, picks - start), len(self.prompts)))
+            counts += np.bincount(draws.argmax(axis=1), minlength=len(self.prompts))
+        return {self.prompts[i].prompt_id: int(counts[i]) * c.samples_per_pick
+                for i in np.flatnonzero(counts)}
+
     @staticmethod
-    def _allocate(weights: dict[str, float], total: int) -> dict[str, int]:
+    def _allocate(weights: Mapping[K, float], total: int) -> dict[K, int]:
+        """``total`` split in proportion to ``weights`` (largest remainders get the rounding)."""
         s = sum(weights.values())
         raw = {p: total * w / s for p, w in weights.items()}
         alloc = {p: int(v) for p, v in raw.items()}

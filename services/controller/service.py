@@ -1,6 +1,6 @@
 """Controller service: seeds the experiment, runs active-sampling rounds, and ends the run.
 
-It consumes embeddings (for per-prompt divergence), cluster snapshots, uncertainty events,
+It consumes embeddings (for the per-text contrast index), cluster snapshots, uncertainty events,
 candidates, hypotheses and validations; it produces paired generation requests (one per role with
 the same prompts).  A new round starts once the previous rounds' texts have reached the clusterer.
 The run is finished when generation has stopped, every text has been clustered, and every
@@ -47,6 +47,7 @@ class ControllerService(Service):
         self.n_clustered = 0
         self.candidates: set[str] = set()
         self.hypotheses: dict[str, str] = {}  # hypothesis id -> candidate id
+        self.hypothesis_texts: dict[str, list[str]] = {}  # hypothesis id -> its cluster's text ids
         self.final: dict[str, str] = {}  # hypothesis id -> decision
         self.last_change = time.time()
         self.generation_done = False
@@ -68,7 +69,7 @@ class ControllerService(Service):
         for item in batch:
             ev = item.event
             if isinstance(ev, EmbeddedText):
-                self.policy.observe_embedding(ev.prompt_id, ev.role, ev.vector())
+                self.policy.observe_embedding(ev.prompt_id, ev.role, ev.vector(), ev.text_id, ev.pair_id)
                 continue
             if isinstance(ev, ClusterSnapshot):
                 if ev.n_seen > self.n_clustered:
@@ -83,8 +84,11 @@ class ControllerService(Service):
                 self.candidates.add(ev.candidate_id)
             elif isinstance(ev, Hypothesis):
                 self.hypotheses[ev.hypothesis_id] = ev.candidate_id
+                self.hypothesis_texts[ev.hypothesis_id] = ev.label_text_ids + [t.text_id for t in ev.holdout_texts]
             elif isinstance(ev, Validation) and ev.decision != "escalated":
                 self.final[ev.hypothesis_id] = ev.decision
+                if ev.decision == "validated":
+                    self.policy.observe_explained(self.hypothesis_texts.pop(ev.hypothesis_id, []))
 
     async def tick(self) -> None:
         self.m_planned.labels(self.name).set(self.policy.texts_planned)

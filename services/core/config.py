@@ -170,8 +170,10 @@ class ClustererConfig(Strict):
     k_max: int = Field(default=100, ge=2)
     warmup: int = Field(default=400, ge=10)  # texts before the first fit
     batch_size: int = Field(default=256, ge=1)
-    split_min_size: int = Field(default=200, ge=10)
-    split_every: int = Field(default=500, ge=100)  # texts between growth checks
+    split_min_size: int = Field(default=100, ge=10)
+    # a smaller cluster is split when its two models' texts clearly sit apart (see ClusterState._grow)
+    mixed_split_min_size: int = Field(default=40, ge=10)
+    split_every: int = Field(default=250, ge=100)  # texts between growth checks
     reservoir_size: int = Field(default=60, ge=4)
     label_fraction: float = Field(default=0.3, gt=0, lt=1)  # rest is held out for validation
     snapshot_every_s: float = Field(default=5.0, gt=0)
@@ -184,6 +186,10 @@ class ClustererConfig(Strict):
     vector_reservoir_size: int = Field(default=64, ge=8)  # per cluster: 2-means splits, quality
     global_reservoir_size: int = Field(default=500, ge=10)  # per role, holdout only: pads negatives
     max_splits_per_check: int = Field(default=4, ge=1)  # growth: splits per split_every texts
+    # growth: a reported cluster is split again once its own texts reach this multiple of its size
+    # when reported (and resplit_min_size): it may have gone on to collect a second difference
+    resplit_growth: float = Field(default=1.5, gt=1)
+    resplit_min_size: int = Field(default=40, ge=10)
     quality_sample: int = Field(default=2000, ge=100)  # silhouette/NMI rows per snapshot
     # uncertainty events (each (kind, cluster) at most once per uncertainty_every texts)
     uncertainty_every: int = Field(default=1000, ge=1)
@@ -205,10 +211,35 @@ class ClustererConfig(Strict):
         return self
 
 
+class ContrastConfig(Strict):
+    """Active sampling's per-text signal (services/controller/contrast.py)."""
+
+    neighbours: int = Field(default=32, ge=2)  # nearest-neighbour list kept per text
+    local: int = Field(default=3, ge=1)  # nearest texts per side in the contrast
+    mode_neighbours: int = Field(default=10, ge=1)  # nearest texts that link hot texts into one mode
+    hot_quantile: float = Field(default=0.99, gt=0.5, lt=1)  # of the pair-swap null: a text above it is hot
+    permutations: int = Field(default=8, ge=1)  # pair swaps drawn for that null
+    saturation_texts: int = Field(default=150, ge=1)  # a mode with this many hot texts earns no more targeting
+    # a validated hypothesis covers a mode (its prompts stop earning) when the mode is at least this
+    # share of the hot texts in the hypothesis's cluster
+    covered_share: float = Field(default=0.5, gt=0, le=1)
+    max_texts: int = Field(default=50000, ge=10)  # texts indexed (memory: ~2 KB each at 384 dims)
+    prior_strength: float = Field(default=2.0, gt=0)  # pseudo-pairs behind each prompt's Thompson prior
+    min_mode_texts: int = Field(default=2, ge=1)  # hot texts before a mode is targeted (one may be chance)
+    samples_per_pick: int = Field(default=2, ge=1)  # samples per role each Thompson draw buys a prompt
+
+    @model_validator(mode="after")
+    def _local_fits(self) -> ContrastConfig:
+        for name in ("local", "mode_neighbours"):
+            if getattr(self, name) > self.neighbours:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be <= neighbours ({self.neighbours})")
+        return self
+
+
 class ControllerConfig(Strict):
     strategy: Literal["active", "uniform"] = "active"
-    initial_texts: int = Field(default=5000, ge=2)  # per experiment, both roles together
-    round_texts: int = Field(default=1000, ge=2)
+    initial_texts: int = Field(default=1000, ge=2)  # per experiment, both roles together
+    round_texts: int = Field(default=400, ge=2)
     max_texts: int = Field(default=20000, ge=2)  # the generation budget
     min_budget_fraction: float = Field(default=0.5, ge=0, le=1)  # spend at least this before an early stop
     probe_samples: int = Field(default=2, ge=1)  # multi-stage filtering: samples per prompt per role
@@ -216,9 +247,7 @@ class ControllerConfig(Strict):
     # active: stop before the budget once every cluster is resolved and the clustering is stable;
     # off, the whole budget is spent (benchmarks that measure texts-until-found turn it off)
     stop_when_stable: bool = True
-    # active: prompts are targeted when divergence / its noise term reaches this (0 +- ~0.3 when the
-    # two models agree on a prompt; see SamplingPolicy.signal_to_noise)
-    min_signal_to_noise: float = Field(default=0.5, ge=0)
+    contrast: ContrastConfig = Field(default_factory=ContrastConfig)
     prompts_per_request: int = Field(default=16, ge=1)
     max_wall_s: float | None = Field(default=None, gt=0)
     idle_finish_s: float = Field(default=20.0, gt=0)  # finish when nothing moves for this long
