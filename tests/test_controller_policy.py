@@ -10,6 +10,7 @@ import numpy as np
 
 from services.controller.policy import Plan, SamplingPolicy
 from services.core.config import ControllerConfig, EmbedderConfig, GeneratorConfig, ModelConfig, PromptsConfig
+from services.core.events import TextRef, UncertaintyEvent
 from services.embedder.hashing import HashingEncoder
 from services.generator.backends.base import DecodingParams, GenerationTask
 from services.generator.backends.sim import SimBackend, sim_prompts
@@ -56,3 +57,30 @@ def test_active_sampling_targets_the_planted_behaviours():
         # uniform sampling sees the base rates (~10% of intervention texts carry a behaviour);
         # active sampling must put clearly more of the same budget where the models differ
         assert hit_a / n_a > 1.5 * hit_u / n_u, (seed, hit_a / n_a, hit_u / n_u)
+
+
+def test_early_stop_waits_for_the_minimum_budget() -> None:
+    cfg = ControllerConfig(initial_texts=400, round_texts=200, max_texts=2000, min_budget_fraction=0.5)
+    policy = SamplingPolicy(cfg, sim_prompts(PromptsConfig()), seed=0)
+    policy.initial_plans()
+    reason, stopped_at = "", None
+    for _ in range(20):
+        policy.last_nmi = 0.95  # every round: a stable clustering with nothing unresolved
+        plans, reason = policy.next_plans()
+        if not plans:
+            stopped_at = policy.texts_planned
+            break
+    assert reason == "every cluster resolved and the clustering is stable"
+    assert stopped_at is not None and 1000 <= stopped_at < 2000
+
+
+def test_an_exemplar_named_twice_is_continued_once() -> None:
+    """Two uncertainty events naming one text must not plan two continuations with one text id
+    (the second would be dropped downstream as a re-delivery, and the budget miscounted)."""
+    prompts = sim_prompts(PromptsConfig())
+    policy = SamplingPolicy(ControllerConfig(), prompts, seed=0)
+    ref = TextRef(text_id="t1", prompt_id=prompts[0].prompt_id, role="intervention", text="My cat purred.")
+    for kind in ("unresolved_share", "boundary"):
+        policy.observe_uncertainty(UncertaintyEvent(experiment_id="e", uncertainty_id=kind, kind=kind,
+                                                    cluster_ids=[1], score=1.0, exemplars=[ref]))
+    assert [e.text_id for e in policy.exemplars] == ["t1"]

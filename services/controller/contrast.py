@@ -43,12 +43,11 @@ class ContrastView:
     hot: np.ndarray  # bool
     mode: np.ndarray  # per text, its mode's label (-1 for texts that are not hot)
     mode_size: np.ndarray  # hot texts in the text's mode (0 for texts that are not hot)
+    covered: np.ndarray  # bool: hot texts whose mode a validated hypothesis's cluster is mostly about
 
     @property
     def n_modes(self) -> int:
         return int(np.unique(self.mode[self.hot]).size)
-
-    covered: np.ndarray  # bool: hot texts whose mode a validated hypothesis's cluster is mostly about
 
     def need(self, saturation: int) -> np.ndarray:
         """Per text, what one more text like it is still worth: 1 for a hot text in a new mode,

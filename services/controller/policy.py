@@ -18,8 +18,9 @@ prompts are chosen: adaptivity changes where evidence is gathered, never what it
    generation pair of this prompt yields a text of this mode".  Modes are served in parallel, so
    a common behaviour does not starve a rare one; a prompt whose early hit was chance, or a
    behaviour that shows on every prompt alike, stops attracting picks as its posterior falls.
-4. Stop: when the budget is spent, or (``stop_when_stable``) when a round's uncertainty events
-   leave nothing unresolved and the clustering is stable (NMI to the previous snapshot >= 0.9).
+4. Stop: when the budget is spent, or (``stop_when_stable``, once ``min_budget_fraction`` of it is
+   spent) when a round's uncertainty events leave nothing unresolved and the clustering is stable
+   (NMI to the previous snapshot >= 0.9).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class SamplingPolicy:
         for ex in ev.exemplars:
             if ex.prompt_id in self.by_id:
                 self.uncertain[ex.prompt_id] += ev.score / max(len(ev.exemplars), 1)
-            if ex.text and len(self.exemplars) < 256:
+            # once each: the same text named by two events would be continued twice, with one id
+            if ex.text and len(self.exemplars) < 256 and all(e.text_id != ex.text_id for e in self.exemplars):
                 self.exemplars.append(Exemplar(text_id=ex.text_id, prompt_id=ex.prompt_id, text=ex.text))
 
     def observe_snapshot(self, snap: ClusterSnapshot) -> None:
@@ -120,6 +122,7 @@ class SamplingPolicy:
         if self.budget_left < 2:
             return [], f"budget spent ({self.texts_planned} texts)"
         if (self.cfg.strategy == "active" and self.cfg.stop_when_stable and self.round >= 2
+                and self.texts_planned >= self.cfg.min_budget_fraction * self.cfg.max_texts
                 and self.unresolved_in_round == 0 and self.last_nmi is not None and self.last_nmi >= 0.9):
             return [], "every cluster resolved and the clustering is stable"
         self.round += 1

@@ -55,6 +55,9 @@ class ControllerService(Service):
         self.rounds: list[dict[str, object]] = []
         self.m_round = self.metrics.gauge("controller_round", "Current sampling round", ["service"])
         self.m_planned = self.metrics.gauge("controller_texts_planned", "Texts requested (both roles)", ["service"])
+        self.m_hot = self.metrics.gauge("controller_hot_texts", "Texts only one model's texts surround", ["service"])
+        self.m_modes = self.metrics.gauge("controller_open_modes", "Groups of hot texts still earning targeting",
+                                          ["service"])
         saved = await self.redis.get(self.k_state)
         if saved:
             st = orjson.loads(saved)
@@ -120,6 +123,11 @@ class ControllerService(Service):
         self.rounds.append({"round": rnd, "reason": reason, "texts": texts, "requests": 2 * len(plans),
                             "texts_planned": self.policy.texts_planned, "at": time.time()})
         self.m_round.labels(self.name).set(rnd)
+        view = self.policy.last_view
+        if view is not None:
+            self.m_hot.labels(self.name).set(int(view.hot.sum()))
+            open_ = view.hot & (view.need(self.cfg.controller.contrast.saturation_texts) > 0)
+            self.m_modes.labels(self.name).set(len(set(view.mode[open_].tolist())))
         self.log.info("round planned", extra=self.rounds[-1])
         await self._save()
 
