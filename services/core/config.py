@@ -226,6 +226,8 @@ class ContrastConfig(Strict):
     max_texts: int = Field(default=50000, ge=10)  # texts indexed (memory: ~2 KB each at 384 dims)
     prior_strength: float = Field(default=2.0, gt=0)  # pseudo-pairs behind each prompt's Thompson prior
     min_mode_texts: int = Field(default=2, ge=1)  # hot texts before a mode is targeted (one may be chance)
+    # an early stop waits while a mode this large is neither saturated nor covered by a validated finding
+    open_mode_texts: int = Field(default=10, ge=1)
     samples_per_pick: int = Field(default=2, ge=1)  # samples per role each Thompson draw buys a prompt
 
     @model_validator(mode="after")
