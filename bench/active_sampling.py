@@ -8,10 +8,11 @@ mostly that behaviour's texts, or until the cap.  The strategies share every clu
 setting; only ``controller.strategy`` differs.  A run that hits the cap counts as "> cap" (the
 median is then a lower bound).
 
-``oracle`` is a ceiling, not a strategy: the active policy with its targeted texts spread over
-exactly the prompts whose topics trigger a behaviour (the sim's ground truth), with the same
-probe, exploration and round sizes.  uniform/oracle is the most any prompt-targeting policy could
-gain with this clusterer and validator.
+``oracle`` is a reference, not a strategy: the active policy with its targeted texts spread in
+even shares over exactly the prompts whose topics trigger a behaviour (the sim's ground truth),
+with the same probe, exploration and round sizes.  uniform/oracle is what perfect knowledge of
+*where* the behaviours are buys with this clusterer and validator; an active policy that beats it
+does so by favouring the prompts that show a behaviour most often.
 
 Clustering quality: NMI between the online clusterer's assignment of the run's texts (nearest of
 its final centroids) and full-batch sklearn KMeans with the same k on the same texts.
@@ -47,7 +48,7 @@ from services.harness import HarnessResult, run_experiment, sim_config
 
 class OraclePolicy(SamplingPolicy):
     """The active policy, except that its targeted texts go, in equal shares, to the prompts whose
-    topic triggers a planted behaviour: perfect prompt targeting, for a ceiling."""
+    topic triggers a planted behaviour: perfect knowledge of where the behaviours are, as a reference."""
 
     def _by_mode(self, view: ContrastView, n_texts: int) -> dict[str, int]:
         sim = self.cfg_sim
@@ -171,8 +172,8 @@ def main() -> None:
         meds[strategy], line = summary(runs)
         print(f"{strategy:8s}: {line}")
     if "oracle" in meds and "uniform" in meds:
-        print(f"ceiling: uniform_vs_oracle_texts={meds['uniform'] / meds['oracle']:.2f} "
-              "(perfect prompt targeting with this clusterer and validator)")
+        print(f"reference: uniform_vs_oracle_texts={meds['uniform'] / meds['oracle']:.2f} "
+              "(even shares on exactly the triggering prompts, this clusterer and validator)")
     if "active" in meds and "uniform" in meds:
         ratio = meds["uniform"] / meds["active"]
         print(f"uniform_vs_active_texts={ratio:.2f}")
