@@ -90,8 +90,9 @@ class ControllerService(Service):
                 self.hypothesis_texts[ev.hypothesis_id] = ev.label_text_ids + [t.text_id for t in ev.holdout_texts]
             elif isinstance(ev, Validation) and ev.decision != "escalated":
                 self.final[ev.hypothesis_id] = ev.decision
+                texts = self.hypothesis_texts.pop(ev.hypothesis_id, [])
                 if ev.decision == "validated":
-                    self.policy.observe_explained(self.hypothesis_texts.pop(ev.hypothesis_id, []))
+                    self.policy.observe_explained(texts)
 
     async def tick(self) -> None:
         self.m_planned.labels(self.name).set(self.policy.texts_planned)
