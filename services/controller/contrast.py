@@ -86,6 +86,7 @@ class ContrastIndex:
         self.I = np.zeros((0, cfg.neighbours), dtype=np.int64)  # row indices, -1 = empty
         self._pending: list[tuple[str, str, str, bool, np.ndarray]] = []
         self._index: faiss.IndexFlatIP | None = None
+        self._view: ContrastView | None = None  # the last refresh's result, until a text or an explanation arrives
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self._pending)
@@ -95,24 +96,30 @@ class ContrastIndex:
         if text_id in self.ids or len(self) >= self.cfg.max_texts:
             return
         self.ids.add(text_id)
+        self._view = None
         v = np.asarray(vec, dtype=np.float32).ravel()
         n = float(np.linalg.norm(v))
         self._pending.append((prompt_id, pair_id or text_id, text_id, role == "intervention", v / n if n else v))
 
     def refresh(self) -> ContrastView:
-        """Integrate the queued texts, then score every text and find the hot ones."""
+        """Integrate the queued texts, then score every text and find the hot ones (cached until
+        the next text or explanation: a round asks more than once)."""
+        if self._view is not None:
+            return self._view
         if self._pending:
             self._integrate()
         contrast = self._contrast(self.roles)
         threshold = self._null_threshold()
         hot = contrast > threshold
         mode, size = self._modes(hot)
-        return ContrastView(list(self.prompt_ids), self.roles.copy(), contrast, threshold, hot, mode, size,
-                            self._covered(hot, mode))
+        self._view = ContrastView(list(self.prompt_ids), self.roles.copy(), contrast, threshold, hot, mode, size,
+                                  self._covered(hot, mode))
+        return self._view
 
     def explain(self, text_ids: list[str]) -> None:
         """Record the texts of a cluster whose hypothesis was validated (see :meth:`_covered`)."""
         self.explained.append(list(text_ids))
+        self._view = None
 
     def _covered(self, hot: np.ndarray, mode: np.ndarray) -> np.ndarray:
         """Hot texts in a mode that makes up at least ``covered_share`` of the hot texts of some
