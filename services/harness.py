@@ -35,14 +35,13 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from services.clusterer.state import ClusterState
-from services.controller.policy import Plan, SamplingPolicy
+from services.controller.policy import Plan, SamplingPolicy, paired_requests
 from services.core.bus import Topics
 from services.core.config import Config, PlantedBehaviour
 from services.core.events import (
     CandidateCluster,
     DecodedText,
     Event,
-    GenerationRequest,
     Hypothesis,
     Validation,
     stable_id,
@@ -102,12 +101,6 @@ class HarnessResult:
     def all_found(self) -> bool:
         return all(b.name in self.found_at for b in self.behaviours)
 
-    def tier_counts(self) -> dict[str, dict[str, int]]:
-        """tier name -> decision -> count."""
-        out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for v in self.validations:
-            out[v.tier][v.decision] += 1
-        return {t: dict(d) for t, d in out.items()}
 
 
 class _CapturingGenerator(GeneratorService):
@@ -290,17 +283,10 @@ class Harness:
         return threadpool_limits(self.cfg.clusterer.threads, user_api="blas")
 
     async def _generate(self, plans: list[Plan]) -> list[DecodedText]:
-        """Paired requests built as ``ControllerService._send`` builds them, served by the generator."""
-        rnd, exp = self.policy.round, self.cfg.experiment_id
+        """The controller service's paired requests, served by the generator."""
         self.generator.out = []
-        for i, plan in enumerate(plans):
-            for role in ("base", "intervention"):
-                req = GenerationRequest(
-                    experiment_id=exp, request_id=stable_id(exp, rnd, i, role),
-                    pair_id=stable_id(exp, rnd, i), role=role, reason=plan.reason,  # type: ignore[arg-type]
-                    round=rnd, prompts=plan.prompts, exemplars=plan.exemplars, n_per_prompt=plan.n_per_prompt,
-                    note=plan.note)
-                await self.generator.handle([Incoming(req, None, None)])  # type: ignore[arg-type]
+        for req in paired_requests(self.cfg.experiment_id, self.policy.round, plans):
+            await self.generator.handle([Incoming(req, None, None)])  # type: ignore[arg-type]
         return self.generator.out
 
     async def _embed(self, texts: list[DecodedText]) -> np.ndarray:
@@ -317,7 +303,7 @@ class Harness:
             self.validations += decisions
             self.final[h.hypothesis_id] = decisions[-1]
             if decisions[-1].decision == "validated":
-                self.policy.observe_explained(h.label_text_ids + [t.text_id for t in h.holdout_texts])
+                self.policy.observe_explained(h.text_ids)
                 await self._score(h)
 
     async def _score(self, h: Hypothesis) -> None:

@@ -57,6 +57,13 @@ class ContrastView:
         need[self.covered] = 0.0
         return need
 
+    def open_mask(self, saturation: int, min_size: int = 1) -> np.ndarray:
+        """Hot texts in modes of at least ``min_size`` that still need texts (not saturated, not covered)."""
+        return self.hot & (self.need(saturation) > 0) & (self.mode_size >= min_size)
+
+    def open_modes(self, saturation: int, min_size: int = 1) -> int:
+        return len(set(self.mode[self.open_mask(saturation, min_size)].tolist()))
+
     def prompt_evidence(self, saturation: int) -> dict[str, tuple[float, int]]:
         """prompt id -> (summed need of its texts, generation pairs seen)."""
         need = self.need(saturation)

@@ -35,7 +35,7 @@ import numpy as np
 
 from services.controller.contrast import ContrastIndex, ContrastView
 from services.core.config import ControllerConfig
-from services.core.events import ClusterSnapshot, Exemplar, PromptRef, UncertaintyEvent
+from services.core.events import ClusterSnapshot, Exemplar, GenerationRequest, PromptRef, UncertaintyEvent, stable_id
 
 K = TypeVar("K")
 
@@ -53,6 +53,15 @@ class Plan:
     @property
     def texts_per_role(self) -> int:
         return (len(self.prompts) + len(self.exemplars)) * self.n_per_prompt
+
+
+def paired_requests(experiment_id: str, rnd: int, plans: list[Plan]) -> list[GenerationRequest]:
+    """Each plan as two requests, one per model, with the same prompts and a shared pair id."""
+    return [GenerationRequest(
+        experiment_id=experiment_id, request_id=stable_id(experiment_id, rnd, i, role),
+        pair_id=stable_id(experiment_id, rnd, i), role=role, reason=plan.reason, round=rnd,  # type: ignore[arg-type]
+        prompts=plan.prompts, exemplars=plan.exemplars, n_per_prompt=plan.n_per_prompt, note=plan.note)
+        for i, plan in enumerate(plans) for role in ("base", "intervention")]
 
 
 class SamplingPolicy:
@@ -141,9 +150,7 @@ class SamplingPolicy:
         can look resolved and stable while a rare behaviour's texts still sit inside larger
         clusters (a live demo run stopped with the moon texts unreported this way)."""
         self.last_view = view = self.contrast.refresh()
-        open_ = view.hot & (view.need(self.cfg.contrast.saturation_texts) > 0)
-        open_ &= view.mode_size >= self.cfg.contrast.open_mode_texts
-        return len(set(view.mode[open_].tolist()))
+        return view.open_modes(self.cfg.contrast.saturation_texts, self.cfg.contrast.open_mode_texts)
 
     def _active_round(self, per_role: int) -> tuple[list[Plan], str]:
         explore = round(per_role * self.cfg.exploration_share)
@@ -193,7 +200,7 @@ class SamplingPolicy:
         if picks <= 0:
             return {}
         need = view.need(c.saturation_texts)
-        open_ = view.hot & (need > 0) & (view.mode_size >= c.min_mode_texts)
+        open_ = view.open_mask(c.saturation_texts, c.min_mode_texts)
         if not open_.any():
             return self._thompson(view, n_texts)
         pairs: dict[str, int] = defaultdict(int)

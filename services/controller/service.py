@@ -16,16 +16,14 @@ from typing import ClassVar
 
 import orjson
 
-from services.controller.policy import Plan, SamplingPolicy
+from services.controller.policy import Plan, SamplingPolicy, paired_requests
 from services.core.events import (
     CandidateCluster,
     ClusterSnapshot,
     EmbeddedText,
-    GenerationRequest,
     Hypothesis,
     UncertaintyEvent,
     Validation,
-    stable_id,
 )
 from services.core.runtime import Incoming, Service
 from services.generator.prompts import load_prompts
@@ -87,7 +85,7 @@ class ControllerService(Service):
                 self.candidates.add(ev.candidate_id)
             elif isinstance(ev, Hypothesis):
                 self.hypotheses[ev.hypothesis_id] = ev.candidate_id
-                self.hypothesis_texts[ev.hypothesis_id] = ev.label_text_ids + [t.text_id for t in ev.holdout_texts]
+                self.hypothesis_texts[ev.hypothesis_id] = ev.text_ids
             elif isinstance(ev, Validation) and ev.decision != "escalated":
                 self.final[ev.hypothesis_id] = ev.decision
                 texts = self.hypothesis_texts.pop(ev.hypothesis_id, [])
@@ -111,15 +109,8 @@ class ControllerService(Service):
 
     async def _send(self, plans: list[Plan], reason: str) -> None:
         rnd = self.policy.round
-        for i, plan in enumerate(plans):
-            for role in ("base", "intervention"):
-                await self.emit(GenerationRequest(
-                    experiment_id=self.ctx.experiment_id,
-                    request_id=stable_id(self.ctx.experiment_id, rnd, i, role),
-                    pair_id=stable_id(self.ctx.experiment_id, rnd, i), role=role, reason=plan.reason, round=rnd,
-                    prompts=plan.prompts, exemplars=plan.exemplars,
-                    n_per_prompt=plan.n_per_prompt, note=plan.note,
-                ))
+        for req in paired_requests(self.ctx.experiment_id, rnd, plans):
+            await self.emit(req)
         texts = sum(2 * p.texts_per_role for p in plans)
         self.rounds.append({"round": rnd, "reason": reason, "texts": texts, "requests": 2 * len(plans),
                             "texts_planned": self.policy.texts_planned, "at": time.time()})
@@ -127,8 +118,8 @@ class ControllerService(Service):
         view = self.policy.last_view
         if view is not None:
             self.m_hot.labels(self.name).set(int(view.hot.sum()))
-            open_ = view.hot & (view.need(self.cfg.controller.contrast.saturation_texts) > 0)
-            self.m_modes.labels(self.name).set(len(set(view.mode[open_].tolist())))
+            c = self.cfg.controller.contrast
+            self.m_modes.labels(self.name).set(view.open_modes(c.saturation_texts, c.min_mode_texts))
         self.log.info("round planned", extra=self.rounds[-1])
         await self._save()
 

@@ -253,7 +253,6 @@ class ControllerConfig(Strict):
     prompts_per_request: int = Field(default=16, ge=1)
     max_wall_s: float | None = Field(default=None, gt=0)
     idle_finish_s: float = Field(default=20.0, gt=0)  # finish when nothing moves for this long
-    min_validated_to_stop: int | None = None
 
 
 class LLMConfig(Strict):

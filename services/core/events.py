@@ -291,6 +291,11 @@ class Hypothesis(Event):
     def event_id(self) -> str:
         return self.hypothesis_id
 
+    @property
+    def text_ids(self) -> list[str]:
+        """Every text of the cluster behind it: what the labeler saw, then the held-out ones."""
+        return self.label_text_ids + [t.text_id for t in self.holdout_texts]
+
 
 class Validation(Event):
     topic: ClassVar[str] = "validations"

@@ -15,7 +15,6 @@ caller passes in (from the config), so a group that has not joined yet still sho
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -252,8 +251,3 @@ def render_status(report: StatusReport, console: Console) -> None:
     console.print(gt)
     for note in report.notes:
         console.print(f"[yellow]{note}[/]")
-
-
-def status_sync(bootstrap: str, prefix: str, groups: list[str]) -> StatusReport:
-    """Blocking helper for scripts."""
-    return asyncio.run(collect_status(bootstrap, Topics(prefix), groups))
