@@ -7,27 +7,24 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from rich.console import Console
 
-from services.core.config import Config, ConfigError, load_config
+from services.core.config import Config, ConfigError, load_config, set_path
 
 DEFAULT_CONFIG = "examples/demo.yaml"
 
 
-def _overrides(pairs: list[str]) -> dict[str, object]:
+def _overrides(pairs: list[str]) -> dict[str, Any]:
     """``--set a.b=c`` pairs to a nested dict (values parsed as YAML)."""
-    tree: dict[str, object] = {}
+    tree: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key.path=value, got {pair!r}")
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})  # type: ignore[assignment]
-        node[leaf] = yaml.safe_load(raw)  # type: ignore[index]
+        set_path(tree, key.split("."), yaml.safe_load(raw))
     return tree
 
 

@@ -23,18 +23,17 @@ from services.core.config import Config
 from services.core.http import start_http
 from services.core.infra import Endpoints, infrastructure
 from services.core.metrics import Metrics
-from services.core.runtime import Service, ServiceContext, plugin_registry
+from services.core.runtime import Service, ServiceContext, generator_group_suffix, group_name, plugin_registry
 
 log = logging.getLogger("autointerv.run")
 
 
 def expected_groups(cfg: Config) -> list[str]:
     """Consumer groups the pipeline's services use for this experiment (see Service.group_id)."""
-    base = f"{cfg.bus.topic_prefix}.{cfg.experiment_id}"
-    roles = "+".join(sorted(set(cfg.generator.roles)))
-    groups = [f"{base}.generator-{roles}"] + [f"{base}.{n}" for n in
-                                              ("embedder", "clusterer", "hypothesizer", "controller", "sink")]
-    return groups + [f"{base}.validator.{t.name}" for t in cfg.validator.tiers]
+    names = (["generator" + generator_group_suffix(cfg.generator.roles)]
+             + ["embedder", "clusterer", "hypothesizer", "controller", "sink"]
+             + [f"validator.{t.name}" for t in cfg.validator.tiers])
+    return [group_name(cfg.bus.topic_prefix, cfg.experiment_id, n) for n in names]
 
 
 def topic_names(cfg: Config) -> list[str]:

@@ -55,3 +55,12 @@ def test_cli_fails_at_start_up_naming_the_field():
                           timeout=60)
     assert proc.returncode == 2
     assert "controller.strategy" in proc.stdout + proc.stderr
+
+
+def test_conflicting_command_line_overrides_name_the_field() -> None:
+    from services.cli import _overrides
+
+    assert _overrides(["controller.max_texts=500", "controller.strategy=uniform"]) == {
+        "controller": {"max_texts": 500, "strategy": "uniform"}}
+    with pytest.raises(ConfigError, match=r"controller\.max_texts"):
+        _overrides(["controller=1", "controller.max_texts=500"])

@@ -375,7 +375,8 @@ class Config(Strict):
 # --------------------------------------------------------------------------- loading
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """``tree[a][b][c] = value`` for path [a, b, c], creating mappings; a ConfigError if one is not."""
     node = tree
     for key in path[:-1]:
         node = node.setdefault(key, {})
@@ -391,11 +392,11 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if name.startswith(ENV_PREFIX):
             path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
             if path:
-                _set_path(tree, path, yaml.safe_load(raw) if raw != "" else None)
+                set_path(tree, path, yaml.safe_load(raw) if raw != "" else None)
     if environ.get("KAFKA_BOOTSTRAP"):
-        _set_path(tree, ["bus", "bootstrap"], environ["KAFKA_BOOTSTRAP"])
+        set_path(tree, ["bus", "bootstrap"], environ["KAFKA_BOOTSTRAP"])
     if environ.get("REDIS_URL"):
-        _set_path(tree, ["cache", "url"], environ["REDIS_URL"])
+        set_path(tree, ["cache", "url"], environ["REDIS_URL"])
     return tree
 
 

@@ -47,6 +47,16 @@ class DeadLetterError(Exception):
     """Raise from ``handle_one`` to dead-letter one record with a reason, without failing the batch."""
 
 
+def group_name(prefix: str, experiment_id: str, service: str) -> str:
+    """The consumer group of ``service`` (a name plus any suffix a subclass adds) in one experiment;
+    the orchestrator and backpressure look groups up by this name."""
+    return f"{prefix}.{experiment_id}.{service}"
+
+
+def generator_group_suffix(roles: list[str]) -> str:
+    return "-" + "+".join(sorted(set(roles)))
+
+
 @dataclass
 class ServiceContext:
     cfg: Config
@@ -99,7 +109,7 @@ class Service(ABC):
 
     def group_id(self) -> str:
         """Consumer group: one per experiment and service, so replicas share partitions."""
-        return f"{self.ctx.topics.prefix}.{self.ctx.experiment_id}.{self.name}"
+        return group_name(self.ctx.topics.prefix, self.ctx.experiment_id, self.name)
 
     def input_topics(self) -> list[str]:
         return [self.ctx.topics.name(e.topic) for e in self.consumes]

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from services.core.bus import group_lag
 from services.core.events import DecodedText, GenerationRequest, stable_id
-from services.core.runtime import Incoming, Service
+from services.core.runtime import Incoming, Service, generator_group_suffix, group_name
 from services.generator.backends import make_backend
 from services.generator.backends.base import DecodingParams, GenerationBackend, GenerationTask
 
@@ -43,7 +43,7 @@ class GeneratorService(Service):
         self._last_lag_check = 0.0
 
     def group_id(self) -> str:
-        return f"{super().group_id()}-{'+'.join(sorted(set(self.cfg.generator.roles)))}"
+        return super().group_id() + generator_group_suffix(self.cfg.generator.roles)
 
     async def handle(self, batch: list[Incoming]) -> None:
         for item in batch:
@@ -112,7 +112,7 @@ class GeneratorService(Service):
         if self._consumer is None or now - self._last_lag_check < self.cfg.generator.lag_check_s:
             return
         self._last_lag_check = now
-        group = f"{self.ctx.topics.prefix}.{self.ctx.experiment_id}.embedder"
+        group = group_name(self.ctx.topics.prefix, self.ctx.experiment_id, "embedder")
         try:
             lags = await group_lag(self.ctx.bootstrap, group, [self.ctx.topics.name(DecodedText.topic)])
         except Exception as exc:

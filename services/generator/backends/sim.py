@@ -160,13 +160,13 @@ class SimBackend(GenerationBackend):
         self.seed = gen_cfg.seed
         self.behaviours = behaviours_for(self.sim) if role == "intervention" else []
         self._by_id = {p.prompt_id: p for p in _prompt_table(self.sim.n_topics)}
+        self._topics = sorted({p.topic for p in self._by_id.values()})
 
     def topic_of(self, task: GenerationTask) -> str:
         if task.prompt_id in self._by_id:
             return self._by_id[task.prompt_id].topic
         # unknown prompt (e.g. a continuation or a replayed prompt): a stable topic from its id
-        topics = sorted({p.topic for p in self._by_id.values()})
-        return topics[int(stable_id(task.prompt_id)[:8], 16) % len(topics)]
+        return self._topics[int(stable_id(task.prompt_id)[:8], 16) % len(self._topics)]
 
     async def generate(self, tasks: list[GenerationTask]) -> BatchResult:
         result = BatchResult()
