@@ -55,8 +55,8 @@ from services.generator.service import GeneratorService
 from services.groundtruth import Match, TextTruth, match_hypotheses, planted_behaviours
 from services.hypothesizer.service import HypothesizerService
 from services.stats.fdr import LordPlusPlus
-from services.validator.service import ValidatorService
-from services.validator.tiers import EmbeddingTier, KeywordTier, LLMTier, ProbeTier, Tier, split_holdout
+from services.validator.service import ValidatorService, build_tier
+from services.validator.tiers import Tier, split_holdout
 
 log = logging.getLogger("autointerv.harness")
 
@@ -122,20 +122,16 @@ def _context(cfg: Config) -> ServiceContext:
 
 
 async def make_tier(cfg: Config, index: int, encoder: Encoder) -> Tier:
-    """The tier classes the validator service builds, without Redis (no cache, in-process budget)."""
-    c = cfg.validator.tiers[index]
-    if c.kind == "keyword":
-        return KeywordTier(c)
-    if c.kind == "embedding":
-        return EmbeddingTier(c, encoder, None)
-    if c.kind == "probe":
-        return ProbeTier(c, encoder, None)
-    if c.kind == "llm":
-        from services.llm.factory import make_budget, make_llm_client
+    """The validator service's tier, without Redis: no embedding cache, an in-process LLM budget."""
+    from services.llm.factory import make_budget, make_llm_client
 
-        assert c.llm is not None
-        return LLMTier(c, make_llm_client(c.llm, budget=make_budget(cfg.experiment.budget_usd)))
-    raise ValueError(f"validator tier {c.name!r}: kind {c.kind!r} is not available in the harness")
+    budget = make_budget(cfg.experiment.budget_usd)
+
+    async def given_encoder() -> Encoder:
+        return encoder
+
+    return await build_tier(cfg, cfg.validator.tiers[index], encoder=given_encoder, cache=lambda: None,
+                            llm_client=lambda llm: make_llm_client(llm, budget=budget))
 
 
 class Cascade:

@@ -21,6 +21,7 @@ e-value: p = min(1, 1/e) at the level the cluster was tested at.
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import orjson
@@ -42,10 +43,32 @@ from services.validator.tiers import (
 )
 
 if TYPE_CHECKING:
-    from services.core.config import LLMConfig
+    from services.core.config import Config, LLMConfig, TierConfig
+    from services.embedder.cache import EmbeddingCache
+    from services.embedder.encoder import Encoder
     from services.llm.client import LLMClient
 
 MIN_PER_SIDE = 5
+
+
+async def build_tier(cfg: Config, c: TierConfig, *, encoder: Callable[[], Awaitable[Encoder]],
+                     cache: Callable[[], EmbeddingCache | None],
+                     llm_client: Callable[[LLMConfig], LLMClient]) -> Tier:
+    """A tier of kind ``c.kind``; the service and the in-process harness differ only in where the
+    encoder, the embedding cache and LLM clients come from."""
+    if c.kind == "keyword":
+        return KeywordTier(c)
+    if c.kind in ("embedding", "probe"):
+        enc, vectors = await encoder(), cache()
+        return EmbeddingTier(c, enc, vectors) if c.kind == "embedding" else ProbeTier(c, enc, vectors)
+    if c.kind == "llm":
+        assert c.llm is not None  # TierConfig requires it for this kind
+        return LLMTier(c, llm_client(c.llm))
+    if c.kind == "generative":
+        from services.validator.generative import build_generative_tier
+
+        return await build_generative_tier(cfg, c, llm_client)
+    raise ValueError(f"validator tier {c.name!r}: kind {c.kind!r} is not available in this build")
 
 
 class ValidatorService(Service):
@@ -89,23 +112,10 @@ class ValidatorService(Service):
         self.m_cost = self.metrics.counter("validator_cost_usd_total", "Estimated spend", ["tier"])
 
     async def _make_tier(self) -> Tier:
-        c = self.tier_cfg
-        if c.kind == "keyword":
-            return KeywordTier(c)
-        if c.kind in ("embedding", "probe"):
-            from services.embedder.service import make_cache, make_encoder
+        from services.embedder.service import make_cache, make_encoder
 
-            encoder = await make_encoder(self.cfg.embedder)
-            cache = make_cache(self.cfg, self.redis)
-            return EmbeddingTier(c, encoder, cache) if c.kind == "embedding" else ProbeTier(c, encoder, cache)
-        if c.kind == "llm":
-            assert c.llm is not None  # TierConfig requires it for this kind
-            return LLMTier(c, self._llm_client(c.llm))
-        if c.kind == "generative":
-            from services.validator.generative import build_generative_tier
-
-            return await build_generative_tier(self.cfg, c, self._llm_client)
-        raise ValueError(f"validator tier {c.name!r}: kind {c.kind!r} is not available in this build")
+        return await build_tier(self.cfg, self.tier_cfg, encoder=lambda: make_encoder(self.cfg.embedder),
+                                cache=lambda: make_cache(self.cfg, self.redis), llm_client=self._llm_client)
 
     def _llm_client(self, llm: LLMConfig) -> LLMClient:
         from services.llm.factory import experiment_llm_client
