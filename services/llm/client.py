@@ -159,6 +159,11 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
+def request_tokens(request: LLMRequest) -> int:
+    """Estimated input tokens of a request: its prompt and system text."""
+    return estimate_tokens(request.prompt + (request.system or ""))
+
+
 # --------------------------------------------------------------------------- rate limit
 
 
@@ -223,8 +228,12 @@ class Budget(ABC):
         return BudgetExceeded(f"LLM budget of ${self.limit_usd:.4f} would be exceeded: "
                               f"${committed:.6f} committed + ${usd:.6f} for this call")
 
+    @property
+    def _limit_with_slack(self) -> float:
+        return self.limit_usd * (1 + 1e-9) + 1e-12  # float noise, not policy
+
     def _fits(self, committed: float, usd: float) -> bool:
-        return committed + usd <= self.limit_usd * (1 + 1e-9) + 1e-12  # float noise, not policy
+        return committed + usd <= self._limit_with_slack
 
 
 class InProcessBudget(Budget):
@@ -291,7 +300,7 @@ class RedisBudget(Budget):
             raise BudgetUnavailable(f"budget {self.key} unreachable: {type(exc).__name__}") from exc
 
     async def reserve(self, usd: float) -> None:
-        limit = self.limit_usd * (1 + 1e-9) + 1e-12
+        limit = self._limit_with_slack
         ok, committed = await self._call(self._reserve(keys=[self.key], args=[repr(usd), repr(limit)]))
         if not int(ok):
             raise self._exceeded(float(committed), usd)
@@ -496,8 +505,7 @@ class LLMClient:
         return (input_tokens * self.cfg.usd_per_1k_input + output_tokens * self.cfg.usd_per_1k_output) / 1000
 
     def worst_case_cost(self, request: LLMRequest) -> float:
-        chars = request.prompt + (request.system or "")
-        return self.cost(estimate_tokens(chars), request.max_output_tokens)
+        return self.cost(request_tokens(request), request.max_output_tokens)
 
     def _record(self, outcome: str, input_tokens: int = 0, output_tokens: int = 0, cost: float = 0.0,
                 latency: float = 0.0) -> None:
@@ -537,8 +545,7 @@ class LLMClient:
                            model=completion.model, latency_s=time.monotonic() - started)
         if cache and key:
             await cache.put(key, {"text": resp.text, "input_tokens": resp.input_tokens,
-                                  "output_tokens": resp.output_tokens, "model": resp.model,
-                                  "cost_usd": resp.cost_usd})
+                                  "output_tokens": resp.output_tokens, "model": resp.model})
         self._record("ok", resp.input_tokens, resp.output_tokens, resp.cost_usd, resp.latency_s)
         return resp
 

@@ -33,6 +33,7 @@ from services.llm.client import (
     ServerError,
     Timeout,
     estimate_tokens,
+    request_tokens,
 )
 
 log = logging.getLogger("autointerv.llm")
@@ -71,11 +72,15 @@ class Secret:
     __str__ = __repr__
 
 
+def key_envs(cfg: LLMConfig) -> tuple[str, ...]:
+    """Environment variables that may hold the key: the configured one, or the provider's defaults."""
+    return (cfg.api_key_env,) if cfg.api_key_env else DEFAULT_KEY_ENVS[cfg.provider]
+
+
 def resolve_api_key(cfg: LLMConfig, environ: Mapping[str, str] | None = None) -> Secret | None:
     """The key from ``cfg.api_key_env`` (or the provider's defaults), or from ``<NAME>_FILE``."""
     env = os.environ if environ is None else environ
-    names = (cfg.api_key_env,) if cfg.api_key_env else DEFAULT_KEY_ENVS[cfg.provider]
-    for name in names:
+    for name in key_envs(cfg):
         if env.get(name, "").strip():
             return Secret(env[name].strip())
         path = env.get(f"{name}_FILE", "").strip()
@@ -93,8 +98,7 @@ def resolve_api_key(cfg: LLMConfig, environ: Mapping[str, str] | None = None) ->
 def _require_key(cfg: LLMConfig) -> Secret:
     key = resolve_api_key(cfg)
     if key is None:
-        names = (cfg.api_key_env,) if cfg.api_key_env else DEFAULT_KEY_ENVS[cfg.provider]
-        raise MissingAPIKey(f"{cfg.provider} needs an API key: set {' or '.join(names)} "
+        raise MissingAPIKey(f"{cfg.provider} needs an API key: set {' or '.join(key_envs(cfg))} "
                             f"(or the matching *_FILE variable)", provider=cfg.provider)
     return key
 
@@ -210,8 +214,7 @@ class OpenAIProvider(_Base):
         out_tok = usage.get("completion_tokens")
         return Completion(
             text=text,
-            input_tokens=int(in_tok) if in_tok is not None else estimate_tokens(
-                request.prompt + (request.system or "")),
+            input_tokens=int(in_tok) if in_tok is not None else request_tokens(request),
             output_tokens=int(out_tok) if out_tok is not None else estimate_tokens(text),
             model=str(data.get("model") or self.model),
         )
