@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -178,14 +179,44 @@ async def _correct_ends(consumer: AIOKafkaConsumer, listed: dict[TopicPartition,
 
 
 async def group_lag(bootstrap: str, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
-    """Lag of one consumer group on the given topics (end offset minus committed offset)."""
-    ends = await end_offsets(bootstrap, topics)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
+    """Lag of one consumer group on the given topics (end offset minus committed offset), over
+    connections opened for this one query; :class:`LagProbe` keeps them for repeated queries."""
+    probe = LagProbe(bootstrap)
     try:
-        committed = await admin.list_consumer_group_offsets(group_id, partitions=list(ends))
+        return await probe.lag(group_id, topics)
     finally:
-        await admin.close()
+        await probe.close()
+
+
+class LagProbe:
+    """A consumer (never in a group) and an admin client kept open for repeated lag queries:
+    opening both per query cost two broker connections every ``generator.lag_check_s``."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self._consumer: AIOKafkaConsumer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+
+    async def lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
+        if self._consumer is None:
+            self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+            await self._consumer.start()
+        if self._admin is None:
+            self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            await self._admin.start()
+        ends = await end_offsets(self.bootstrap, topics, probe=self._consumer)
+        committed = await self._admin.list_consumer_group_offsets(group_id, partitions=list(ends))
+        return _lags(ends, committed)
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._admin is not None:
+            await self._admin.close()
+        self._consumer = self._admin = None
+
+
+def _lags(ends: dict[TopicPartition, int], committed: Mapping[TopicPartition, Any]) -> list[PartitionLag]:
     out = []
     for tp, end in sorted(ends.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
         meta = committed.get(tp)

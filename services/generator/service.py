@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import ClassVar
 
-from services.core.bus import group_lag
+from services.core.bus import LagProbe
 from services.core.events import DecodedText, GenerationRequest, stable_id
 from services.core.runtime import Incoming, Service, generator_group_suffix, group_name
 from services.generator.backends import make_backend
@@ -26,6 +26,7 @@ class GeneratorService(Service):
 
     async def setup(self) -> None:
         self.roles = sorted(set(self.cfg.generator.roles))
+        self._lag_probe = LagProbe(self.ctx.bootstrap)
         self.backends: dict[str, GenerationBackend] = {
             role: make_backend(getattr(self.cfg.models, role), self.cfg.generator, role) for role in self.roles
         }
@@ -114,7 +115,7 @@ class GeneratorService(Service):
         self._last_lag_check = now
         group = group_name(self.ctx.topics.prefix, self.ctx.experiment_id, "embedder")
         try:
-            lags = await group_lag(self.ctx.bootstrap, group, [self.ctx.topics.name(DecodedText.topic)])
+            lags = await self._lag_probe.lag(group, [self.ctx.topics.name(DecodedText.topic)])
         except Exception as exc:
             self.log.debug("lag query failed", extra={"error": str(exc)})
             return
@@ -136,6 +137,8 @@ class GeneratorService(Service):
     async def teardown(self) -> None:
         for b in getattr(self, "backends", {}).values():
             await b.aclose()
+        if getattr(self, "_lag_probe", None) is not None:
+            await self._lag_probe.close()
 
 
 def _unique_prompt_batches(tasks: list[GenerationTask]) -> list[list[GenerationTask]]:
