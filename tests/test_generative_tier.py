@@ -19,18 +19,16 @@ import pytest
 import redis.asyncio as aioredis
 import torch
 from llm_fake_server import FakeLLMServer, Reply, Seen
+from service_helpers import CapturingValidator, offline_context, running
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.core.bus import Topics
 from services.core.config import Config, ConfigError, LLMConfig, TierConfig, load_config
-from services.core.events import Event, Hypothesis, Validation
-from services.core.metrics import Metrics
-from services.core.runtime import Incoming, ServiceContext
+from services.core.events import Hypothesis, Validation
+from services.core.runtime import Incoming
 from services.generator.backends.transformers_backend import build_tiny_random_lm
 from services.llm.factory import make_llm_client
 from services.stats.auc import auc_test
 from services.validator.generative import GenerativeTier, build_generative_tier
-from services.validator.service import ValidatorService
 
 N = 20  # texts per side asked of the LLM
 WORD = "lighthouse"  # one WordPiece token in the tiny models' vocabulary
@@ -204,32 +202,17 @@ async def test_intervention_preferring_a_word_validates_the_claim_about_it(
     assert auc_test(wrong.pos, wrong.neg).auc <= 0.1
 
 
-class CapturingValidator(ValidatorService):
-    """The validator service with ``emit`` collecting events instead of producing to Kafka."""
-
-    def __init__(self, ctx: ServiceContext) -> None:
-        super().__init__(ctx, 0)
-        self.out: list[Event] = []
-
-    async def emit(self, event: Event, topic: str | None = None) -> None:
-        self.out.append(event)
-
-
 def service(cfg: Config, redis_url: str) -> CapturingValidator:
-    return CapturingValidator(ServiceContext(cfg, "127.0.0.1:1", redis_url, Metrics(), Topics("t")))
+    return CapturingValidator(offline_context(cfg, redis_url))
 
 
 async def test_validator_service_builds_the_tier_and_validates(tiny_models: dict[str, Path],
                                                                server: FakeLLMServer, redis_url: str,
                                                                unique: str) -> None:
     svc = service(config(tiny_models, server, unique), redis_url)
-    await svc.setup()
-    try:
+    async with running(svc):
         assert isinstance(svc.tier, GenerativeTier)
         await svc.handle([Incoming(event=hypothesis(), record=None, envelope=None)])  # type: ignore[arg-type]
-    finally:
-        await svc.teardown()
-        await svc.producer.stop()
     [v] = svc.out
     assert isinstance(v, Validation)
     assert v.decision == "validated" and (v.n_pos, v.n_neg) == (N, N) and v.calls == 2
@@ -247,12 +230,9 @@ async def test_models_that_are_not_local_fail_at_start_up(tiny_models: dict[str,
     cfg.models.base.backend = base  # type: ignore[assignment]
     cfg.models.intervention.backend = intervention  # type: ignore[assignment]
     svc = service(cfg, redis_url)
-    try:
-        with pytest.raises(ConfigError) as err:
-            await svc.setup()
-    finally:
-        await svc.teardown()
-        await svc.producer.stop()
+    with pytest.raises(ConfigError) as err:
+        async with running(svc):
+            pass
     assert all(field in str(err.value) for field in named)
     assert ("models.base.backend" in str(err.value)) == ("models.base.backend" in named)
     assert "gen" in str(err.value) and server.requests == []

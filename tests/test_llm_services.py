@@ -15,14 +15,12 @@ from typing import Any
 
 import pytest
 from llm_fake_server import FakeLLMServer, Reply, Seen, Status
+from service_helpers import CapturingValidator, offline_context, running
 
-from services.core.bus import Topics
 from services.core.config import Config, ConfigError, load_config
 from services.core.events import CandidateCluster, Event, Hypothesis, TextRef, Validation, stable_id
-from services.core.metrics import Metrics
-from services.core.runtime import Incoming, ServiceContext
+from services.core.runtime import Incoming
 from services.hypothesizer.service import HypothesizerService
-from services.validator.service import ValidatorService
 
 KEY_ENV = "AUTOINTERV_TEST_LLM_SERVICES_KEY"
 MARK = "lighthouse"
@@ -60,10 +58,6 @@ def config(unique: str, exp: str, budget_usd: float = 1.0, **sections: Any) -> C
     return load_config(None, environ={}, overrides=over)
 
 
-def context(cfg: Config, redis_url: str) -> ServiceContext:
-    return ServiceContext(cfg, "127.0.0.1:1", redis_url, Metrics(), Topics("t"))  # Kafka is never reached
-
-
 def refs(texts: list[str], role: str, tag: str) -> list[TextRef]:
     return [TextRef(text_id=stable_id(tag, role, i), prompt_id=f"p{i}", role=role, text=f"{t} {tag} {i}")  # type: ignore[arg-type]
             for i, t in enumerate(texts)]
@@ -97,13 +91,9 @@ async def test_llm_labels_become_hypotheses_and_the_second_prompt_diversifies(
     async with FakeLLMServer("openai", labeller) as srv:
         cfg = config(unique, "hyp", hypothesizer={"labeler": "llm", "labels_per_cluster": 2,
                                                   "llm": llm_section(srv)})
-        svc = HypothesizerService(context(cfg, redis_url))
-        await svc.setup()
-        try:
+        svc = HypothesizerService(offline_context(cfg, redis_url))
+        async with running(svc):
             hyps = await svc.hypotheses_for(candidate(cfg.experiment_id))
-        finally:
-            await svc.teardown()
-            await svc.producer.stop()
     contrastive = [h for h in hyps if h.kind == "contrastive"]
     assert [h.text for h in contrastive] == [FIRST_LABEL, SECOND_LABEL]
     assert all(h.labeler == "llm:openai:gpt-test" for h in contrastive)
@@ -123,14 +113,10 @@ async def test_exhausted_budget_sends_nothing_and_falls_back_to_offline(
         pricey = llm_section(srv, usd_per_1k_input=1000.0, usd_per_1k_output=1000.0)
         cfg = config(unique, "broke", budget_usd=1e-6,
                      hypothesizer={"labeler": "llm", "labels_per_cluster": 2, "llm": pricey})
-        svc = HypothesizerService(context(cfg, redis_url))
-        await svc.setup()
-        try:
+        svc = HypothesizerService(offline_context(cfg, redis_url))
+        async with running(svc):
             hyps = await svc.hypotheses_for(candidate(cfg.experiment_id))
             spent = await svc.llm.budget.spent()
-        finally:
-            await svc.teardown()
-            await svc.producer.stop()
     assert srv.requests == []  # the budget refused before anything was sent
     contrastive = [h for h in hyps if h.kind == "contrastive"]
     assert len(contrastive) == 2 and all(h.labeler == "offline:log-odds" for h in contrastive)
@@ -143,13 +129,9 @@ async def test_exhausted_budget_sends_nothing_and_falls_back_to_offline(
 async def test_an_empty_llm_label_falls_back_to_offline(redis_url: str, unique: str, api_key: str) -> None:
     async with FakeLLMServer("openai", [Reply("  \n ")]) as srv:
         cfg = config(unique, "empty", hypothesizer={"labeler": "llm", "llm": llm_section(srv)})
-        svc = HypothesizerService(context(cfg, redis_url))
-        await svc.setup()
-        try:
+        svc = HypothesizerService(offline_context(cfg, redis_url))
+        async with running(svc):
             hyps = await svc.hypotheses_for(candidate(cfg.experiment_id))
-        finally:
-            await svc.teardown()
-            await svc.producer.stop()
     assert len(srv.requests) == 1
     [h] = [h for h in hyps if h.kind == "contrastive"]
     assert h.labeler == "offline:log-odds" and h.text.strip()
@@ -161,17 +143,6 @@ def test_llm_labeler_without_an_llm_section_fails_at_start_up(unique: str) -> No
 
 
 # --------------------------------------------------------------------------- validator
-
-
-class CapturingValidator(ValidatorService):
-    """The validator service with ``emit`` collecting events instead of producing to Kafka."""
-
-    def __init__(self, ctx: ServiceContext) -> None:
-        super().__init__(ctx, 0)
-        self.out: list[Event] = []
-
-    async def emit(self, event: Event, topic: str | None = None) -> None:
-        self.out.append(event)
 
 
 @pytest.fixture()
@@ -188,14 +159,10 @@ async def rater(api_key: str) -> AsyncIterator[FakeLLMServer]:
 
 
 async def validate(cfg: Config, redis_url: str, h: Hypothesis, times: int = 1) -> list[Event]:
-    svc = CapturingValidator(context(cfg, redis_url))
-    await svc.setup()
-    try:
+    svc = CapturingValidator(offline_context(cfg, redis_url))
+    async with running(svc):
         for _ in range(times):
             await svc.handle([Incoming(event=h, record=None, envelope=None)])  # type: ignore[arg-type]
-    finally:
-        await svc.teardown()
-        await svc.producer.stop()
     return svc.out
 
 
