@@ -125,14 +125,15 @@ class PartitionLag:
         return self.end_offset - (self.committed or 0)
 
 
-async def end_offsets(bootstrap: str, topics: Iterable[str],
-                      probe: AIOKafkaConsumer | None = None) -> dict[TopicPartition, int]:
+async def end_offsets(bootstrap: str, topics: Iterable[str], probe: AIOKafkaConsumer | None = None,
+                      correct: bool = True, timeout_s: float = 2.0) -> dict[TopicPartition, int]:
     """True end offsets (offset of the last record + 1) per partition.
 
     Tansu 0.6 answers ListOffsets(latest) with the *last batch's base offset* + 1, which is too
     small whenever the last batch holds several records (measured: 20 records in one batch per
     partition report an end offset of 1).  So after ListOffsets we fetch from ``end - 1`` and take
-    the last record actually returned; on Apache Kafka this returns the same number.
+    the last record actually returned; on Apache Kafka this returns the same number.  ``correct``
+    False skips that fetch (ListOffsets only).
     """
     own = probe is None
     consumer = probe or AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
@@ -146,7 +147,7 @@ async def end_offsets(bootstrap: str, topics: Iterable[str],
         if not parts:
             return {}
         listed = dict(await consumer.end_offsets(parts))
-        return await _correct_ends(consumer, listed)
+        return await _correct_ends(consumer, listed, timeout_s) if correct else listed
     finally:
         if own:
             await consumer.stop()

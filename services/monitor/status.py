@@ -20,12 +20,12 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
 from rich.table import Table
 
-from services.core.bus import ESCALATION_PREFIX, LOGICAL_TOPICS, PartitionLag, Topics
+from services.core.bus import ESCALATION_PREFIX, LOGICAL_TOPICS, PartitionLag, Topics, end_offsets
 
 log = logging.getLogger("autointerv.status")
 
@@ -99,36 +99,9 @@ def _is_pipeline_topic(logical: str) -> bool:
 
 async def exact_end_offsets(bootstrap: str, topics: Iterable[str], timeout_s: float = 5.0,
                             verify: bool = True) -> dict[TopicPartition, int]:
-    """End offsets per partition: ListOffsets, confirmed by a Fetch high watermark (see module doc)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="latest")
-    await consumer.start()
-    try:
-        parts: list[TopicPartition] = []
-        await consumer._client.force_metadata_update()  # private: no public metadata refresh
-        for t in dict.fromkeys(topics):
-            parts += [TopicPartition(t, p) for p in sorted(consumer.partitions_for_topic(t) or ())]
-        if not parts:
-            return {}
-        listed = dict(await consumer.end_offsets(parts))
-        nonempty = [tp for tp, end in listed.items() if end > 0]
-        if not verify or not nonempty:
-            return listed
-        consumer.assign(nonempty)
-        for tp in nonempty:
-            consumer.seek(tp, listed[tp] - 1)  # inside the last batch, so the fetch returns it
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(consumer.highwater(tp) is None for tp in nonempty):
-            await consumer.getmany(timeout_ms=200, max_records=1)
-        for tp in nonempty:
-            hw = consumer.highwater(tp)
-            if hw is None:
-                log.warning("no high watermark within timeout; using ListOffsets", extra={"tp": str(tp)})
-            else:
-                listed[tp] = max(listed[tp], hw)
-        return listed
-    finally:
-        await consumer.stop()
+    """End offsets per partition: ListOffsets, confirmed by fetching each partition's last batch
+    (``bus.end_offsets``, see the module doc); ``verify`` False trusts ListOffsets."""
+    return await end_offsets(bootstrap, dict.fromkeys(topics), correct=verify, timeout_s=timeout_s)
 
 
 async def _list_topics(admin: AIOKafkaAdminClient, prefix: str) -> list[str]:
