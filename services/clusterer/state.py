@@ -427,23 +427,25 @@ class ClusterState:
     def _refs(self, cid: int, role: int, label: bool) -> list[TextRef]:
         return [ref_of(t) for t in self._text_res.get(cid * 4 + role * 2 + int(label), [])]
 
+    def _padded(self, cid: int, over: int, label: bool) -> dict[int, list[TextRef]]:
+        """The cluster's label (or held-out) texts per role, the other side padded up to the
+        over-represented side's count from that side's global label (or held-out) reservoir."""
+        refs = {r: self._refs(cid, r, label) for r in (0, 1)}
+        have = {t.text_id for r in (0, 1) for t in refs[r]}
+        pool = (self._glob_label_res if label else self._glob_res)[1 - over]
+        need = max(0, len(refs[over]) - len(refs[1 - over]))
+        refs[1 - over] += [ref_of(t) for t in [t for t in pool if t[0] not in have][:need]]
+        return refs
+
     def _candidate(self, cid: int, log_e: float) -> CandidateCluster:
         nb, ni = (int(x) for x in self._own[cid])
         over = 1 if ni > nb else 0
         level = spending_level(cid, self.alpha)
-        holdout = {r: self._refs(cid, r, False) for r in (0, 1)}
-        have = {t.text_id for r in (0, 1) for t in holdout[r]}
-        pad = [t for t in self._glob_res[1 - over] if t[0] not in have]
-        need = max(0, len(holdout[over]) - len(holdout[1 - over]))
-        holdout[1 - over] += [ref_of(t) for t in pad[:need]]
+        holdout = self._padded(cid, over, label=False)
         # the labeler contrasts the over-represented side with the other side's label texts: from
         # this cluster first, padded with the other side's label texts from anywhere, so a
         # one-sided cluster (the usual case for a planted behaviour) still has a contrast
-        label = {r: self._refs(cid, r, True) for r in (0, 1)}
-        have = {t.text_id for r in (0, 1) for t in label[r]}
-        pad = [t for t in self._glob_label_res[1 - over] if t[0] not in have]
-        need = max(0, len(label[over]) - len(label[1 - over]))
-        label[1 - over] += [ref_of(t) for t in pad[:need]]
+        label = self._padded(cid, over, label=True)
         log.info("clusterer %s: cluster %d divergent (%s over-represented, %d/%d, log e %.1f)",
                  self.experiment_id, cid, ROLES[over], ni, ni + nb, log_e)
         return CandidateCluster(

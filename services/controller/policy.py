@@ -171,11 +171,7 @@ class SamplingPolicy:
         for pid, n in targeted.items():
             alloc[pid] += n
         explore += exploit - n_unc - sum(targeted.values())  # what picks could not place (rounding)
-        groups: dict[int, list[PromptRef]] = defaultdict(list)
-        for pid, n in alloc.items():
-            groups[n].append(self.by_id[pid])
-        for n, ps in sorted(groups.items()):
-            plans += self._chunk(ps, n, "uncertainty", f"targeted: {len(ps)} prompts x {n}")
+        plans += self._plans_by_count(alloc, "uncertainty", "targeted: {prompts} prompts x {n}")
         plans += self._uniform(explore, "seed", "exploration")
         self.uncertain.clear()
         self.exemplars.clear()
@@ -265,16 +261,20 @@ class SamplingPolicy:
     def _uniform(self, n_texts: int, reason: str, note: str) -> list[Plan]:
         if n_texts <= 0:
             return []
-        picks = [self.prompts[self.rng.randrange(len(self.prompts))] for _ in range(n_texts)]
         counts: dict[str, int] = defaultdict(int)
-        for p in picks:
-            counts[p.prompt_id] += 1
+        for _ in range(n_texts):
+            counts[self.prompts[self.rng.randrange(len(self.prompts))].prompt_id] += 1
+        return self._plans_by_count(counts, reason, note)
+
+    def _plans_by_count(self, counts: Mapping[str, int], reason: str, note: str) -> list[Plan]:
+        """Plans for ``counts`` (prompt id -> samples per model): prompts with the same count share
+        requests.  ``note`` may name ``{prompts}`` and ``{n}``."""
         groups: dict[int, list[PromptRef]] = defaultdict(list)
         for pid, n in counts.items():
             groups[n].append(self.by_id[pid])
         plans: list[Plan] = []
         for n, ps in sorted(groups.items()):
-            plans += self._chunk(ps, n, reason, note)
+            plans += self._chunk(ps, n, reason, note.format(prompts=len(ps), n=n))
         return plans
 
     def _chunk(self, prompts: list[PromptRef], n: int, reason: str, note: str) -> list[Plan]:

@@ -203,14 +203,3 @@ class SimBackend(GenerationBackend):
             if (not b.trigger_topics or topic in b.trigger_topics) and rng.random() < b.rate:
                 return b
         return None
-
-
-def expected_rates(sim: SimConfig) -> dict[str, float]:
-    """Share of intervention texts showing each behaviour under uniform prompt sampling."""
-    table = _prompt_table(sim.n_topics)
-    topics = [p.topic for p in table]
-    out: dict[str, float] = {}
-    for b in behaviours_for(sim):
-        hits = sum(1 for t in topics if not b.trigger_topics or t in b.trigger_topics)
-        out[b.name] = b.rate * hits / len(topics)
-    return out
