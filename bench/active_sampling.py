@@ -2,17 +2,18 @@
 
 On the simulated pair with its four planted behaviours (cats 5% of the intervention's texts on
 every prompt; disclaimer 2%, sailing 1.5% and moon 1%, each on a few topics' prompts), each
-strategy runs in process (services/harness.py: the pipeline's own policy, generator, clusterer,
-hypothesizer and validator code) until every behaviour has a validated hypothesis whose cluster is
-mostly that behaviour's texts, or until the cap.  The strategies share every clusterer/validator
-setting; only ``controller.strategy`` differs.  A run that hits the cap counts as "> cap" (the
-median is then a lower bound).
+strategy runs the shipped pipeline on the in-memory bus (bench/experiments.py: ``build_services``
+in burst mode, a real Redis from ``REDIS_URL``, default 127.0.0.1:6379) until every behaviour has
+a validated hypothesis whose cluster is mostly that behaviour's texts, or until the cap.  The
+strategies share every clusterer/validator setting; only ``controller.strategy`` differs.  A run
+that hits the cap counts as "> cap" (the median is then a lower bound).
 
-``oracle`` is a reference, not a strategy: the active policy with its targeted texts spread in
-even shares over exactly the prompts whose topics trigger a behaviour (the sim's ground truth),
-with the same probe, exploration and round sizes.  uniform/oracle is what perfect knowledge of
-*where* the behaviours are buys with this clusterer and validator; an active policy that beats it
-does so by favouring the prompts that show a behaviour most often.
+``oracle`` is a reference, not a strategy: the controller service with its policy swapped for one
+whose targeted texts are spread in even shares over exactly the prompts whose topics trigger a
+behaviour (the sim's ground truth), with the same probe, exploration and round sizes.
+uniform/oracle is what perfect knowledge of *where* the behaviours are buys with this clusterer
+and validator; an active policy that beats it does so by favouring the prompts that show a
+behaviour most often.
 
 Clustering quality: NMI between the online clusterer's assignment of the run's texts (nearest of
 its final centroids) and full-batch sklearn KMeans with the same k on the same texts.
@@ -38,23 +39,30 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.experiments import ExperimentResult, run, sim_config
 from services.controller.contrast import ContrastView
 from services.controller.policy import SamplingPolicy
-from services.core.config import EmbedderConfig
-from services.embedder.encoder import Encoder
+from services.controller.service import ControllerService
+from services.core.config import EmbedderConfig, SimConfig
+from services.core.resources import Resources
 from services.generator.backends.sim import _prompt_table, behaviours_for
-from services.harness import HarnessResult, run_experiment, sim_config
 
 
-class OraclePolicy(SamplingPolicy):
-    """The active policy, except that its targeted texts go, in equal shares, to the prompts whose
-    topic triggers a planted behaviour: perfect knowledge of where the behaviours are, as a reference."""
+def oracle_controller(sim: SimConfig) -> type[ControllerService]:
+    """The controller service with a policy whose targeted texts go, in equal shares, to the prompts
+    whose topic triggers a planted behaviour: perfect knowledge of where the behaviours are."""
+    triggering = {t for b in behaviours_for(sim) for t in b.trigger_topics}
 
-    def _by_mode(self, view: ContrastView, n_texts: int) -> dict[str, int]:
-        sim = self.cfg_sim
-        triggering = {b_topic for b in behaviours_for(sim) for b_topic in b.trigger_topics}
-        pids = [p.prompt_id for p in _prompt_table(sim.n_topics) if p.topic in triggering and p.prompt_id in self.by_id]
-        return self._allocate(dict.fromkeys(pids, 1.0), n_texts)
+    class OraclePolicy(SamplingPolicy):
+        def _by_mode(self, view: ContrastView, n_texts: int) -> dict[str, int]:
+            pids = [p.prompt_id for p in _prompt_table(sim.n_topics) if p.topic in triggering
+                    and p.prompt_id in self.by_id]
+            return self._allocate(dict.fromkeys(pids, 1.0), n_texts)
+
+    class OracleController(ControllerService):
+        policy_class = OraclePolicy
+
+    return OracleController
 
 
 @dataclass
@@ -71,26 +79,27 @@ class Run:
     stop_reason: str
 
 
-def make_encoder(kind: str) -> Encoder:
-    if kind == "hashing":
-        from services.embedder.hashing import HashingEncoder
+def make_resources(kind: str) -> Resources:
+    """One encoder for every run of the benchmark (loading MiniLM takes seconds)."""
+    res = Resources()
+    if kind == "minilm":
+        from services.embedder.encoder import load_encoder
 
-        return HashingEncoder(EmbedderConfig(backend="hashing"))
-    from services.embedder.encoder import load_encoder
-
-    return load_encoder(EmbedderConfig())
+        res.put_encoder(EmbedderConfig(), load_encoder(EmbedderConfig()))
+    return res
 
 
-def nmi_vs_batch(r: HarnessResult, max_rows: int, seed: int) -> tuple[float | None, float | None]:
+def nmi_vs_batch(r: ExperimentResult, max_rows: int, seed: int) -> tuple[float | None, float | None]:
     """NMI(online clusterer's final assignment, full-batch KMeans with the same k) on the run's texts,
     and NMI between two full-batch KMeans fits with different seeds (how stable "the" answer is)."""
-    if r.vectors is None or len(r.state.engine.ids) < 2:
+    state = r.clusterer_state
+    if r.vectors is None or len(state.engine.ids) < 2:
         return None, None
     X = r.vectors.astype(np.float32)
     if len(X) > max_rows:  # bounded cost; a uniform sample of the run's texts
         X = X[np.sort(np.random.default_rng(seed).choice(len(X), max_rows, replace=False))]
-    online = r.state.engine.nearest(X).labels
-    k = len(r.state.engine.ids)
+    online = state.engine.nearest(X).labels
+    k = len(state.engine.ids)
     with threadpool_limits(1):
         batch = KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(X)
         other = KMeans(n_clusters=k, n_init=1, random_state=seed + 1000).fit_predict(X)
@@ -98,26 +107,21 @@ def nmi_vs_batch(r: HarnessResult, max_rows: int, seed: int) -> tuple[float | No
             float(normalized_mutual_info_score(batch, other)))
 
 
-def run_one(strategy: str, seed: int, encoder: Encoder, cap: int, nmi_rows: int,
+def run_one(strategy: str, seed: int, resources: Resources, encoder: str, cap: int, nmi_rows: int,
             controller: dict[str, object] | None = None, clusterer: dict[str, object] | None = None) -> Run:
     t = time.perf_counter()
     # stop_when_stable off: the question is texts-until-found, so neither strategy may stop early
+    embedder = {"backend": "torch"} if encoder == "minilm" else {}
     cfg = sim_config(seed=seed, strategy="active" if strategy == "oracle" else strategy, max_texts=cap,
-                     controller={"stop_when_stable": False, **(controller or {})}, clusterer=clusterer or {})
-    policy_cls: type[SamplingPolicy] = SamplingPolicy
-    if strategy == "oracle":
-        sim_cfg = cfg.models.intervention.sim
-
-        class _Oracle(OraclePolicy):
-            cfg_sim = sim_cfg
-
-        policy_cls = _Oracle
-    r = run_experiment(cfg, encoder=encoder, until_all_found=True, keep_vectors=nmi_rows > 0, policy_cls=policy_cls)
+                     controller={"stop_when_stable": False, **(controller or {})}, clusterer=clusterer or {},
+                     embedder=embedder)
+    replace = {"controller": oracle_controller(cfg.models.intervention.sim)} if strategy == "oracle" else None
+    r = run(cfg, until_all_found=True, keep_vectors=nmi_rows > 0, resources=resources, replace=replace)
     seconds = time.perf_counter() - t
     texts = max(r.found_at.values()) if r.all_found else r.texts
     nmi, ref = nmi_vs_batch(r, nmi_rows, seed) if nmi_rows > 0 else (None, None)
-    return Run(strategy, seed, texts, r.all_found, dict(r.found_at), len(r.state.engine.ids), nmi, ref,
-               seconds, r.stop_reason)
+    return Run(strategy, seed, texts, r.all_found, dict(r.found_at), len(r.clusterer_state.engine.ids), nmi, ref,
+               seconds, r.reason)
 
 
 def summary(runs: list[Run]) -> tuple[float, str]:
@@ -148,7 +152,7 @@ def main() -> None:
     ap.add_argument("--k-initial", type=int, default=None,
                     help="clusterer.k_initial for every strategy (warm-up scales to 20 texts per cluster)")
     args = ap.parse_args()
-    encoder = make_encoder(args.encoder)
+    resources = make_resources(args.encoder)
     print(f"sim pair, planted behaviours; encoder={args.encoder}; cap={args.max_texts:,} texts; "
           f"seeds={args.seeds}; found = a validated hypothesis whose cluster is mostly that behaviour")
     results: dict[str, list[Run]] = {}
@@ -159,13 +163,14 @@ def main() -> None:
                                              ("round_texts", args.round_texts)) if v is not None}
             clusterer = ({"k_initial": args.k_initial, "warmup": 20 * args.k_initial}
                          if args.k_initial is not None else {})
-            run = run_one(strategy, seed, encoder, args.max_texts, args.nmi_rows, controller, clusterer)
-            runs.append(run)
-            found = " ".join(f"{b}@{n:,}" for b, n in sorted(run.found_at.items(), key=lambda kv: kv[1]))
-            nmi = f"{run.nmi:.3f} (batch/batch {run.nmi_ref:.3f})" if run.nmi is not None else "-"
-            missing = "" if run.found_all else " (not all found)"
-            print(f"  {strategy:8s} seed {seed}: {run.texts:>6,} texts{missing}  k={run.k:3d} NMI={nmi}  "
-                  f"[{found}]  {run.seconds:.1f}s", flush=True)
+            one = run_one(strategy, seed, resources, args.encoder, args.max_texts, args.nmi_rows, controller,
+                          clusterer)
+            runs.append(one)
+            found = " ".join(f"{b}@{n:,}" for b, n in sorted(one.found_at.items(), key=lambda kv: kv[1]))
+            nmi = f"{one.nmi:.3f} (batch/batch {one.nmi_ref:.3f})" if one.nmi is not None else "-"
+            missing = "" if one.found_all else " (not all found)"
+            print(f"  {strategy:8s} seed {seed}: {one.texts:>6,} texts{missing}  k={one.k:3d} NMI={nmi}  "
+                  f"[{found}]  {one.seconds:.1f}s", flush=True)
         results[strategy] = runs
     meds = {}
     for strategy, runs in results.items():

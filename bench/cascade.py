@@ -44,11 +44,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.harness import Cascade, HarnessResult, arun_experiment, sim_config
+
 from services.core.config import Config, EmbedderConfig, LLMConfig, TierConfig
 from services.core.events import DecodedText, Hypothesis, TextRef
 from services.embedder.encoder import Encoder
 from services.embedder.hashing import HashingEncoder
-from services.harness import Cascade, HarnessResult, arun_experiment, sim_config
 from services.hypothesizer.offline import describe
 from services.hypothesizer.service import KEYWORDS_PER_LABEL as KEYWORDS
 from services.hypothesizer.service import other_role

@@ -1,6 +1,10 @@
-"""Runs services in one process: the whole pipeline (``autointerv run``) or one service
-(``autointerv service NAME``).  The same service classes run one per container in deployments;
-nothing here is needed there except :func:`run_single`.
+"""Runs services in one process: the whole pipeline (``autointerv run``), one service
+(``autointerv service NAME``), or the whole pipeline on the in-memory bus in burst mode
+(statistics tests and benchmarks).  The same service classes run one per container in
+deployments; nothing here is needed there except :func:`run_single`.
+
+There is one way to wire the pipeline, :func:`build_services`; the bus is the only thing that
+differs between a Kafka run and an in-memory run.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,37 +22,24 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from services.core.bus import ESCALATION_PREFIX, Topics, ensure_topics
+from services.core.bus import Bus, KafkaBus
+from services.core.clock import Clock, SystemClock, VirtualClock
 from services.core.config import Config
+from services.core.events import Event
 from services.core.http import start_http
 from services.core.infra import Endpoints, infrastructure
+from services.core.memory_bus import MemoryBus, Observer
 from services.core.metrics import Metrics
-from services.core.runtime import Service, ServiceContext, generator_group_suffix, group_name, plugin_registry
+from services.core.resources import Resources
+from services.core.runtime import InfrastructureLost, Service, ServiceContext, plugin_registry
+from services.core.topics import Topics
+from services.core.topology import Topology
 
 log = logging.getLogger("autointerv.run")
 
 
-def expected_groups(cfg: Config) -> list[str]:
-    """Consumer groups the pipeline's services use for this experiment (see Service.group_id)."""
-    names = (["generator" + generator_group_suffix(cfg.generator.roles)]
-             + ["embedder", "clusterer", "hypothesizer", "controller", "sink"]
-             + [f"validator.{t.name}" for t in cfg.validator.tiers])
-    return [group_name(cfg.bus.topic_prefix, cfg.experiment_id, n) for n in names]
-
-
-def topic_names(cfg: Config) -> list[str]:
-    topics = Topics(cfg.bus.topic_prefix)
-    return topics.all(ESCALATION_PREFIX + t.name for t in cfg.validator.tiers[1:])
-
-
-async def prepare(cfg: Config, ep: Endpoints) -> tuple[ServiceContext, Metrics]:
-    await ensure_topics(ep.bootstrap, topic_names(cfg), cfg.bus.partitions, cfg.bus.replication_factor)
-    metrics = Metrics()
-    return ServiceContext(cfg, ep.bootstrap, ep.redis_url, metrics, Topics(cfg.bus.topic_prefix)), metrics
-
-
-def build_services(ctx: ServiceContext) -> dict[str, Service]:
-    """All pipeline services for one experiment, keyed by a display name."""
+def pipeline_classes() -> list[type[Service]]:
+    """The pipeline's services, in declaration order (the topology orders them)."""
     from services.clusterer import ClustererService
     from services.controller import ControllerService
     from services.embedder import EmbedderService
@@ -57,26 +48,57 @@ def build_services(ctx: ServiceContext) -> dict[str, Service]:
     from services.sink import SinkService
     from services.validator import ValidatorService
 
-    services: dict[str, Service] = {
-        "sink": SinkService(ctx),
-        "clusterer": ClustererService(ctx),
-        "embedder": EmbedderService(ctx),
-        "generator": GeneratorService(ctx),
-        "hypothesizer": HypothesizerService(ctx),
-    }
-    for i, tier in enumerate(ctx.cfg.validator.tiers):
-        services[f"validator:{tier.name}"] = ValidatorService(ctx, tier_index=i)
-    services["controller"] = ControllerService(ctx)
-    return services
+    return [ControllerService, GeneratorService, EmbedderService, ClustererService, HypothesizerService,
+            ValidatorService, SinkService]
+
+
+def build_services(ctx: ServiceContext, exclude: Iterable[str] = (),
+                   replace: Mapping[str, type[Service]] | None = None) -> dict[str, Service]:
+    """Every pipeline service instance for one experiment, keyed by display name, in start order.
+    ``exclude`` names service kinds to leave out (the sink in statistics runs); ``replace`` swaps a
+    kind's class for a subclass (a benchmark's oracle controller)."""
+    skip = set(exclude)
+    swap = dict(replace or {})
+    classes = [swap.get(cls.name, cls) for cls in pipeline_classes() if cls.name not in skip]
+    services = [svc for cls in classes for svc in cls.instances(ctx)]
+    topo = Topology.of(services)
+    by_name = {s.display_name: s for s in services}
+    return {name: by_name[name] for name in topo.start_order}
+
+
+def make_context(cfg: Config, bus: Bus, redis_url: str, *, clock: Clock | None = None,
+                 metrics: Metrics | None = None, resources: Resources | None = None) -> ServiceContext:
+    return ServiceContext(cfg, getattr(bus, "bootstrap", bus.address), redis_url, metrics or Metrics(),
+                          bus.topics, bus=bus, clock=clock or SystemClock(), resources=resources or Resources())
+
+
+def declared_topology(cfg: Config) -> Topology:
+    """The topology the config's pipeline declares (services are built, never started)."""
+    from services.core.memory_bus import MemoryBus
+
+    ctx = make_context(cfg, MemoryBus(cfg.bus, Topics(cfg.bus.topic_prefix)), "redis://unused")
+    return Topology.of(build_services(ctx).values())
+
+
+def expected_groups(cfg: Config) -> list[str]:
+    """Consumer groups the pipeline's services use for this experiment (see Service.group_id)."""
+    return declared_topology(cfg).groups()
+
+
+def topic_names(cfg: Config) -> list[str]:
+    """Physical names of every topic the pipeline reads or writes."""
+    topics = Topics(cfg.bus.topic_prefix)
+    return [topics.name(t) for t in declared_topology(cfg).topics()]
 
 
 @dataclass
 class RunOutcome:
-    run_dir: Path
+    run_dir: Path | None
     finished: bool
     reason: str
     wall_s: float
     progress: dict[str, object] = field(default_factory=dict)
+    services: dict[str, Service] = field(default_factory=dict)
 
 
 def _install_signals(stop: Callable[[], None]) -> None:
@@ -86,13 +108,22 @@ def _install_signals(stop: Callable[[], None]) -> None:
             loop.add_signal_handler(sig, stop)
 
 
+def _run_dir(services: dict[str, Service]) -> Path | None:
+    sink = services.get("sink")
+    return Path(sink.run_dir) if sink is not None else None  # type: ignore[attr-defined]
+
+
 async def run_pipeline_async(cfg: Config, ep: Endpoints, console: Console | None = None) -> RunOutcome:
-    ctx, metrics = await prepare(cfg, ep)
+    """The whole pipeline on Kafka: every service's loop as a task, until the controller says the
+    experiment is finished, a service stops, or a signal arrives."""
+    bus = KafkaBus(cfg.bus, ep.bootstrap, Topics(cfg.bus.topic_prefix))
+    ctx = make_context(cfg, bus, ep.redis_url)
     services = build_services(ctx)
+    await bus.ensure_topics(ctx.topics.name(t) for t in Topology.of(services.values()).topics())
     runner = None
     if cfg.observability.metrics_port is not None:
         try:
-            runner = await start_http(metrics, lambda: [s.health for s in services.values()],
+            runner = await start_http(ctx.metrics, lambda: [s.health for s in services.values()],
                                       cfg.observability.metrics_port)
         except OSError as exc:
             log.warning("metrics endpoint not started", extra={"port": cfg.observability.metrics_port,
@@ -104,39 +135,41 @@ async def run_pipeline_async(cfg: Config, ep: Endpoints, console: Console | None
     t0 = time.time()
     reason = "finished"
     show = console is not None and cfg.observability.progress
-    live = Live(_progress_table(controller, metrics, t0), console=console, refresh_per_second=2,
+    live = Live(_progress_table(controller, ctx.metrics, t0), console=console, refresh_per_second=2,
                 transient=True) if show else contextlib.nullcontext()
+    cause: str | None = None
     try:
         with live:
             while True:
                 crashed = [n for n, t in tasks.items() if t.done()]
                 if crashed:
                     exc = tasks[crashed[0]].exception()
-                    reason = f"service {crashed[0]} stopped: {exc!r}"
+                    reason = f"service {crashed[0]} stopped: {exc}"
+                    cause = "infrastructure_lost" if isinstance(exc, InfrastructureLost) else "service_failed"
                     break
                 if controller.finished():
                     break
                 if stop_requested.is_set():
                     reason = "interrupted (signal); work in flight was committed"
+                    cause = "signal"
                     break
                 if show:
-                    live.update(_progress_table(controller, metrics, t0))
+                    live.update(_progress_table(controller, ctx.metrics, t0))
                 await asyncio.sleep(0.25)
     finally:
         await _stop_all(services, tasks)
-        sink = services["sink"]
-        await sink.finalize()
+        _tell_sink(services, cause)
+        await _finalize_all(services)
+        await bus.close()
         if runner is not None:
             await runner.cleanup()
-    progress = controller.progress() if hasattr(controller, "progress") else {}
-    return RunOutcome(Path(sink.run_dir), reason == "finished", reason, time.time() - t0, progress)
+    return RunOutcome(_run_dir(services), reason == "finished", reason, time.time() - t0, controller.progress(),
+                      services)
 
 
 async def _stop_all(services: dict[str, Service], tasks: dict[str, asyncio.Task[None]]) -> None:
-    """Stop producers first so downstream services can drain what is already in flight."""
-    order = ["controller", "generator", "embedder", "clusterer", "hypothesizer"]
-    order += [n for n in services if n.startswith("validator:")] + ["sink"]
-    for name in order:
+    """Stop in topology stop order (producers first) so downstream services drain what is in flight."""
+    for name in Topology.of(services.values()).stop_order:
         services[name].stop()
     results = await asyncio.gather(*tasks.values(), return_exceptions=True)
     for name, res in zip(tasks, results, strict=True):
@@ -144,8 +177,23 @@ async def _stop_all(services: dict[str, Service], tasks: dict[str, asyncio.Task[
             log.error("service ended with an error", extra={"service": name, "error": repr(res)})
 
 
+def _tell_sink(services: dict[str, Service], cause: str | None) -> None:
+    """Why the run ended when the controller did not announce it (summary.json's stopped_because)."""
+    sink = services.get("sink")
+    if sink is not None and cause is not None:
+        sink.stop_cause = cause  # type: ignore[attr-defined]
+
+
+async def _finalize_all(services: dict[str, Service]) -> None:
+    for name, svc in services.items():
+        try:
+            await svc.finalize()
+        except Exception:
+            log.exception("finalize failed", extra={"service": name})
+
+
 def _progress_table(controller: Service, metrics: Metrics, t0: float) -> Table:
-    p = controller.progress() if hasattr(controller, "progress") else {}
+    p = controller.progress()
     t = Table(title=f"autointerv — {time.time() - t0:5.0f}s", show_header=True, header_style="bold")
     for col in ("round", "texts planned", "generated", "embedded", "clustered", "candidates", "hypotheses",
                 "validated", "dead letters"):
@@ -164,51 +212,96 @@ def run_pipeline(cfg: Config, console: Console | None = None) -> RunOutcome:
         return asyncio.run(run_pipeline_async(cfg, ep, console))
 
 
+# --------------------------------------------------------------------------- in memory (burst mode)
+
+
+@dataclass
+class MemoryRun(RunOutcome):
+    bus: MemoryBus | None = None
+    clock: VirtualClock | None = None
+
+
+async def run_memory_pipeline(cfg: Config, redis_url: str, *, until: Callable[[], bool] | None = None,
+                              observers: Sequence[Observer] = (), exclude: Iterable[str] = (),
+                              only: Iterable[str] | None = None, inputs: Sequence[Event] = (),
+                              replace: Mapping[str, type[Service]] | None = None,
+                              resources: Resources | None = None, max_idle_s: float = 600.0) -> MemoryRun:
+    """The pipeline on the in-memory bus, in burst mode (see services.core.memory_bus):
+    deterministic for a given config, seconds instead of minutes.  Redis is real.
+
+    ``observers`` see every published record in order; ``until`` ends the run early (benchmarks stop
+    once every planted behaviour is found); ``exclude`` leaves service kinds out (the sink, when a
+    statistics run needs no run directory) and ``only`` keeps just these kinds (a test of the
+    validator cascade); ``replace`` swaps service classes (see build_services); ``inputs`` are
+    published before the first step.  Without a controller the
+    run ends when nothing has moved for ``max_idle_s`` of virtual time."""
+    bus = MemoryBus(cfg.bus, Topics(cfg.bus.topic_prefix))
+    bus.observers.extend(observers)
+    clock = VirtualClock()
+    ctx = make_context(cfg, bus, redis_url, clock=clock, resources=resources)
+    kinds = set(only) if only is not None else None
+    services = {n: s for n, s in build_services(ctx, exclude=exclude, replace=replace).items()
+                if kinds is None or s.name in kinds}
+    await bus.ensure_topics(ctx.topics.name(t) for t in Topology.of(services.values()).topics())
+    t0 = time.perf_counter()
+    started: list[Service] = []
+    try:
+        for svc in services.values():  # start order: readers before writers
+            await svc.start()
+            started.append(svc)
+        feeder = bus.producer("autointerv/inputs")
+        for ev in inputs:
+            await feeder.send(ev)
+        order = [services[n] for n in Topology.of(services.values()).stop_order]
+        idle_limit = max_idle_s if "controller" in services else min(max_idle_s, 10.0)
+        reason = await bus.run_until_idle(order, clock, until=until, max_idle_s=idle_limit)
+    finally:
+        for svc in reversed(started):  # stop order
+            svc.stop()
+            await svc.close()
+    await _finalize_all(services)
+    controller = services.get("controller")
+    progress = controller.progress() if controller is not None else {}
+    ok = reason.startswith("finished") or reason == "until" or (controller is None and reason.startswith("idle"))
+    return MemoryRun(_run_dir(services), ok, reason, time.perf_counter() - t0, progress, services, bus=bus,
+                     clock=clock)
+
+
 # --------------------------------------------------------------------------- single service
 
 
-def service_factory(name: str) -> Callable[[ServiceContext], Service]:
-    builtin = {
-        "generator": "services.generator:GeneratorService",
-        "embedder": "services.embedder:EmbedderService",
-        "clusterer": "services.clusterer:ClustererService",
-        "hypothesizer": "services.hypothesizer:HypothesizerService",
-        "validator": "services.validator:ValidatorService",
-        "controller": "services.controller:ControllerService",
-        "sink": "services.sink:SinkService",
-    }
+def service_factory(name: str) -> type[Service]:
+    builtin = {cls.name: cls for cls in pipeline_classes()}
     plugins = plugin_registry()
     if name in plugins:
         return plugins[name].load()
     if name in builtin:
-        from importlib import import_module
-
-        module, _, cls = builtin[name].partition(":")
-        return getattr(import_module(module), cls)
+        return builtin[name]
     known = sorted(set(builtin) | set(plugins))
     raise SystemExit(f"unknown service {name!r}; known: {', '.join(known)}")
 
 
 async def run_single_async(cfg: Config, ep: Endpoints, name: str, tier: str | None = None) -> None:
-    ctx, metrics = await prepare(cfg, ep)
+    bus = KafkaBus(cfg.bus, ep.bootstrap, Topics(cfg.bus.topic_prefix))
+    ctx = make_context(cfg, bus, ep.redis_url)
+    await bus.ensure_topics(topic_names(cfg))
     factory = service_factory(name)
     if name == "validator":
         names = [t.name for t in cfg.validator.tiers]
-        index = names.index(tier) if tier else 0
         if tier and tier not in names:
             raise SystemExit(f"unknown tier {tier!r}; configured: {', '.join(names)}")
-        svc = factory(ctx, tier_index=index)
+        svc: Service = factory(ctx, tier_index=names.index(tier) if tier else 0)  # type: ignore[call-arg]
     else:
         svc = factory(ctx)
     runner = None
     if cfg.observability.metrics_port is not None:
-        runner = await start_http(metrics, lambda: [svc.health], cfg.observability.metrics_port)
+        runner = await start_http(ctx.metrics, lambda: [svc.health], cfg.observability.metrics_port)
     _install_signals(svc.stop)
     try:
         await svc.run()
     finally:
-        if hasattr(svc, "finalize"):
-            await svc.finalize()
+        await svc.finalize()
+        await bus.close()
         if runner is not None:
             await runner.cleanup()
 

@@ -2,8 +2,9 @@
 
 Tiers: keyword -> embedding (the fast hashing encoder, which is lexical: enough to make a
 hypothesis clear or not on purpose) -> llm against a fake OpenAI-compatible server on 127.0.0.1,
-through ``services.harness.Cascade`` (the validator service's own ``decide`` on each tier's
-scores, with LORD++ per tier).  Four hypotheses:
+through the validator services themselves, one per tier, chained by their escalation topics on the
+in-memory bus (``run_memory_pipeline(only=["validator"])``; LORD++ state per tier in the real Redis).
+Four hypotheses:
 
 * clear positive: its keyword is in every positive held-out text and no negative -> tier 0 validates;
 * clear negative: its keyword is *rarer* on the side it is claimed for (40% vs 60%) -> tier 0 rejects;
@@ -22,10 +23,9 @@ from collections.abc import AsyncIterator
 import pytest
 from llm_fake_server import FakeLLMServer, Reply, Seen
 
-from services.core.config import EmbedderConfig
-from services.core.events import Hypothesis, TextRef, stable_id
-from services.embedder.hashing import HashingEncoder
-from services.harness import Cascade, sim_config
+from bench.experiments import sim_config
+from services.core.events import Hypothesis, TextRef, Validation, stable_id
+from services.orchestrator import run_memory_pipeline
 
 POS_MARK = "lighthouse"  # what the fake LLM "recognises" in the described side's texts
 GARBLED = "gibberish"  # texts for which the fake LLM answers without any number
@@ -36,8 +36,11 @@ def refs(texts: list[str], role: str, tag: str) -> list[TextRef]:
             for i, t in enumerate(texts)]
 
 
+EXPERIMENT = "cascade-test"
+
+
 def hypothesis(name: str, text: str, keywords: list[str], pos: list[str], neg: list[str]) -> Hypothesis:
-    return Hypothesis(experiment_id="cascade-test", hypothesis_id=name, candidate_id=f"c-{name}",
+    return Hypothesis(experiment_id=EXPERIMENT, hypothesis_id=name, candidate_id=f"c-{name}",
                       cluster_id=0, direction="intervention", text=text, kind="contrastive", labeler="test",
                       keywords=keywords,
                       label_text_ids=[stable_id(name, "label", i) for i in range(5)],
@@ -80,18 +83,17 @@ async def server() -> AsyncIterator[FakeLLMServer]:
         yield srv
 
 
-async def test_only_borderline_hypotheses_escalate_and_reach_the_llm(server: FakeLLMServer) -> None:
+async def test_only_borderline_hypotheses_escalate_and_reach_the_llm(server: FakeLLMServer, redis_url: str) -> None:
     llm = {"provider": "openai", "model": "gpt-test", "base_url": server.base_url,
            "api_key_env": "AUTOINTERV_TEST_NO_SUCH_KEY", "requests_per_s": 1000.0, "max_retries": 0}
     cfg = sim_config(experiment={"budget_usd": 1.0}, validator={"tiers": [
         {"name": "keyword", "kind": "keyword"}, {"name": "embedding", "kind": "embedding"},
         {"name": "llm", "kind": "llm", "llm": llm}]})
-    cascade = await Cascade.build(cfg, HashingEncoder(EmbedderConfig(backend="hashing")))
-    hyps = make_hypotheses()
-    try:
-        decided = {name: await cascade.validate(h) for name, h in hyps.items()}
-    finally:
-        await cascade.aclose()
+    hyps = {name: h.model_copy(update={"experiment_id": cfg.experiment_id}) for name, h in make_hypotheses().items()}
+    run = await run_memory_pipeline(cfg, redis_url, only=["validator"], inputs=list(hyps.values()))
+    assert run.bus is not None
+    validations = [Validation.from_bytes(r.value) for r in run.bus.records(run.bus.topics.name(Validation.topic))]
+    decided = {name: [v for v in validations if v.hypothesis_id == name] for name in hyps}
     path = {name: [(v.tier, v.decision) for v in vs] for name, vs in decided.items()}
     assert path["clear_pos"] == [("keyword", "validated")]
     assert path["clear_neg"] == [("keyword", "rejected")]

@@ -212,7 +212,7 @@ async def test_validator_service_builds_the_tier_and_validates(tiny_models: dict
     svc = service(config(tiny_models, server, unique), redis_url)
     async with running(svc):
         assert isinstance(svc.tier, GenerativeTier)
-        await svc.handle([Incoming(event=hypothesis(), record=None, envelope=None)])  # type: ignore[arg-type]
+        await svc.handle([Incoming(event=hypothesis(), record=None)])  # type: ignore[arg-type]
     [v] = svc.out
     assert isinstance(v, Validation)
     assert v.decision == "validated" and (v.n_pos, v.n_neg) == (N, N) and v.calls == 2

@@ -162,7 +162,7 @@ async def validate(cfg: Config, redis_url: str, h: Hypothesis, times: int = 1) -
     svc = CapturingValidator(offline_context(cfg, redis_url))
     async with running(svc):
         for _ in range(times):
-            await svc.handle([Incoming(event=h, record=None, envelope=None)])  # type: ignore[arg-type]
+            await svc.handle([Incoming(event=h, record=None)])  # type: ignore[arg-type]
     return svc.out
 
 

@@ -52,6 +52,10 @@ SAMPLES: list[ev.Event] = [
                   decision="validated", p_value=1e-5, alpha_level=0.01, n_pos=30, n_neg=2),
     ev.DeadLetter(experiment_id="e", source_topic="t", source_partition=0, source_offset=5, service="embedder",
                   reason="bad", original_b64="AA=="),
+    ev.GenerationReport(experiment_id="e", request_id="r", role="base", round=2, texts=14,
+                        failures=[ev.GenerationFailure(prompt_id="p", reason="exhausted", exhausted=True)]),
+    ev.ControlEvent(experiment_id="e", kind="finished", round=7, stopped_because="budget", detail="budget spent",
+                    counts={"planned": 100, "produced": 98}),
 ]
 
 

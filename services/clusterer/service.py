@@ -11,22 +11,27 @@ experiment's stream; replicas of the group serve other experiments.
 
 from __future__ import annotations
 
-import time
 from typing import ClassVar
 
 import orjson
 from aiokafka import TopicPartition
+from redis.asyncio import Redis
 from threadpoolctl import threadpool_limits
 
 from services.clusterer.state import ClusterState
-from services.core.events import EmbeddedText
-from services.core.runtime import Incoming, Service
+from services.core.events import CandidateCluster, ClusterSnapshot, ControlEvent, EmbeddedText, UncertaintyEvent
+from services.core.runtime import Incoming, Service, ServiceContext
 
 
 class ClustererService(Service):
     name: ClassVar[str] = "clusterer"
-    consumes = (EmbeddedText,)
+    consumes = (EmbeddedText, ControlEvent)
+    produces = (ClusterSnapshot, UncertaintyEvent, CandidateCluster)
     tick_interval_s: ClassVar[float] = 0.5
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.redis: Redis | None = None
 
     async def setup(self) -> None:
         self.redis = self.ctx.redis()
@@ -35,11 +40,17 @@ class ClustererService(Service):
         self.k_pending = f"{self.cfg.cache.namespace}:clusterer:{self.ctx.experiment_id}:pending"
         self.pending: dict[str, tuple[EmbeddedText, int]] = {}
         self.arrivals = 0
+        self.barrier: ControlEvent | None = None  # the latest RoundClosed not yet answered
+        self.n_orphans = 0
+        self.n_uncertainty = 0
         raw_pending = await self.redis.get(self.k_pending)
         if raw_pending:
             saved = orjson.loads(raw_pending)
             self.arrivals = saved["arrivals"]
             self.pending = {e["pair_id"]: (EmbeddedText.model_validate(e), at) for e, at in saved["items"]}
+            self.n_orphans, self.n_uncertainty = saved.get("orphans", 0), saved.get("uncertainty", 0)
+            if saved.get("barrier"):
+                self.barrier = ControlEvent.model_validate(saved["barrier"])
         raw = await self.redis.get(self.k_state)
         if raw:
             self.state = ClusterState.from_bytes(raw, self.cfg.clusterer)
@@ -48,9 +59,9 @@ class ClustererService(Service):
             self.state = ClusterState(self.cfg.clusterer, self.ctx.experiment_id, alpha=self.cfg.validator.alpha)
         self.uncommitted: dict[TopicPartition, int] = {}
         self.since_save = 0
-        self.last_save = time.monotonic()
+        self.last_save = self.clock.monotonic()
         self.last_emitted_n = -1
-        self.last_emit = 0.0
+        self.last_emit = float("-inf")
         m = self.metrics
         self.m_texts = m.counter("clusterer_texts_total", "Texts ingested (new / duplicate)", ["kind"])
         self.m_k = m.gauge("clusterer_clusters", "Active clusters", ["service"])
@@ -61,18 +72,52 @@ class ClustererService(Service):
         self.m_state_bytes = m.gauge("clusterer_state_bytes", "Size of the persisted snapshot", ["service"])
 
     async def handle(self, batch: list[Incoming]) -> None:
+        for i in batch:
+            ev = i.event
+            if isinstance(ev, ControlEvent) and ev.kind == "round_closed" and (
+                    self.barrier is None or (ev.round, ev.force) > (self.barrier.round, self.barrier.force)):
+                self.barrier = ev
         items = [i.event for i in batch if isinstance(i.event, EmbeddedText)]
-        with threadpool_limits(self.cfg.clusterer.threads):  # BLAS threads spin against torch's on few cores
-            res = self.state.ingest(self._pair_up(items))
-        self.since_save += res.n_new
-        self.m_texts.labels("new").inc(res.n_new)
-        self.m_texts.labels("duplicate").inc(res.n_duplicates)
-        for ev in res.uncertainty:
+        if items:
+            with threadpool_limits(self.cfg.clusterer.threads):  # BLAS threads spin against torch's on few cores
+                res = self.state.ingest(self._pair_up(items))
+            self.since_save += res.n_new
+            self.m_texts.labels("new").inc(res.n_new)
+            self.m_texts.labels("duplicate").inc(res.n_duplicates)
+            await self._emit_found(res.uncertainty, res.candidates)
+        await self._answer_barrier()
+
+    async def _emit_found(self, uncertainty: list[UncertaintyEvent], candidates: list[CandidateCluster]) -> None:
+        for ev in uncertainty:
             await self.emit(ev)
+            self.n_uncertainty += 1
             self.m_unc.labels(ev.kind).inc()
-        for cand in res.candidates:
+        for cand in candidates:
             await self.emit(cand)
             self.m_cand.labels(self.name).inc()
+
+    @property
+    def n_arrived(self) -> int:
+        return int(self.state.role_totals.sum()) + len(self.pending) + self.n_orphans
+
+    async def _answer_barrier(self) -> None:
+        """Once every text of the closed round has arrived (or the controller forces it), texts of
+        that round still waiting for a partner are orphans (their partner was never produced) and
+        are dropped from the share test; then a barrier snapshot is emitted."""
+        b = self.barrier
+        if b is None or (self.n_arrived < b.expected_texts and not b.force):
+            return
+        orphans = [pid for pid, (ev, _) in self.pending.items() if ev.round <= b.round]
+        for pid in orphans:
+            del self.pending[pid]
+        self.n_orphans += len(orphans)
+        checkpoint = getattr(self.state, "checkpoint", None)
+        if checkpoint is not None:  # candidates and uncertainty due at this position of the stream
+            res = checkpoint()
+            await self._emit_found(res.uncertainty, res.candidates)
+        await self._emit_snapshot(barrier_round=b.round)
+        self.barrier = None
+        self.since_save = self.cfg.clusterer.snapshot_every_n  # save (and commit) with this batch
 
     def _pair_up(self, items: list[EmbeddedText]) -> list[EmbeddedText]:
         """Release texts pair by pair, each pair in an order fixed by its id (see pair_wait_texts)."""
@@ -100,7 +145,7 @@ class ClustererService(Service):
     async def before_commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int] | None:
         self.uncommitted.update(offsets)
         c = self.cfg.clusterer
-        if self.since_save >= c.snapshot_every_n or time.monotonic() - self.last_save >= c.snapshot_every_s:
+        if self.since_save >= c.snapshot_every_n or self.clock.monotonic() - self.last_save >= c.snapshot_every_s:
             return await self._save()
         return None
 
@@ -108,7 +153,8 @@ class ClustererService(Service):
         """Persist state + offsets atomically; return the offsets that may now be committed."""
         data = self.state.to_bytes()
         offsets = {f"{tp.topic}:{tp.partition}": off for tp, off in self.uncommitted.items()}
-        pending = {"arrivals": self.arrivals,
+        pending = {"arrivals": self.arrivals, "orphans": self.n_orphans, "uncertainty": self.n_uncertainty,
+                   "barrier": self.barrier.model_dump(mode="json") if self.barrier is not None else None,
                    "items": [(e.model_dump(mode="json"), at) for e, at in self.pending.values()]}
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.k_state, data)
@@ -117,26 +163,28 @@ class ClustererService(Service):
         await pipe.execute()
         self.m_state_bytes.labels(self.name).set(len(data))
         self.since_save = 0
-        self.last_save = time.monotonic()
+        self.last_save = self.clock.monotonic()
         committed, self.uncommitted = self.uncommitted, {}
         return committed or None
 
     async def tick(self) -> None:
+        await self._answer_barrier()  # a forced barrier, or one whose texts all arrived before it
         n = int(self.state.role_totals.sum())
-        if n != self.last_emitted_n and time.monotonic() - self.last_emit >= self.cfg.clusterer.snapshot_every_s:
+        if n != self.last_emitted_n and self.clock.monotonic() - self.last_emit >= self.cfg.clusterer.snapshot_every_s:
             await self._emit_snapshot()
-        if self.uncommitted and time.monotonic() - self.last_save >= self.cfg.clusterer.snapshot_every_s:
+        if self.uncommitted and self.clock.monotonic() - self.last_save >= self.cfg.clusterer.snapshot_every_s:
             offsets = await self._save()
-            if offsets and self._consumer is not None:
-                await self.producer.flush()
-                await self._consumer.commit(offsets)
+            if offsets:
+                await self.commit(offsets)
 
-    async def _emit_snapshot(self) -> None:
+    async def _emit_snapshot(self, barrier_round: int | None = None) -> None:
         with threadpool_limits(self.cfg.clusterer.threads):
             snap = self.state.snapshot()
+        snap.barrier_round, snap.n_arrived, snap.n_orphans = barrier_round, self.n_arrived, self.n_orphans
+        snap.n_candidates, snap.n_uncertainty = self.state.n_candidates, self.n_uncertainty
         await self.emit(snap)
         self.last_emitted_n = snap.n_seen
-        self.last_emit = time.monotonic()
+        self.last_emit = self.clock.monotonic()
         self.m_k.labels(self.name).set(len(snap.clusters))
         if snap.quality.silhouette is not None:
             self.m_sil.labels(self.name).set(snap.quality.silhouette)
@@ -147,5 +195,5 @@ class ClustererService(Service):
         return await self._save()
 
     async def teardown(self) -> None:
-        if getattr(self, "redis", None) is not None:
+        if self.redis is not None:
             await self.redis.aclose()

@@ -533,6 +533,11 @@ class ClusterState:
             quality=quality if quality is not None else ClusterQuality())
 
     # ================================================================== small queries
+    @property
+    def n_candidates(self) -> int:
+        """Clusters reported as candidates so far."""
+        return len(self._emitted)
+
     def has_seen(self, text_id: str) -> bool:
         """True once the text was ingested (buffered for warm-up included)."""
         return digest(text_id) in self._seen

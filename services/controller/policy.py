@@ -29,7 +29,7 @@ import random
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -55,6 +55,19 @@ class Plan:
         return (len(self.prompts) + len(self.exemplars)) * self.n_per_prompt
 
 
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """A plan as JSON-able data (the controller saves a round's plans before emitting them)."""
+    return {"reason": plan.reason, "prompts": [p.model_dump() for p in plan.prompts],
+            "exemplars": [e.model_dump() for e in plan.exemplars], "n_per_prompt": plan.n_per_prompt,
+            "note": plan.note}
+
+
+def plan_from_dict(data: Mapping[str, Any]) -> Plan:
+    return Plan(data["reason"], prompts=[PromptRef.model_validate(p) for p in data["prompts"]],
+                exemplars=[Exemplar.model_validate(e) for e in data["exemplars"]],
+                n_per_prompt=int(data["n_per_prompt"]), note=data.get("note", ""))
+
+
 def paired_requests(experiment_id: str, rnd: int, plans: list[Plan]) -> list[GenerationRequest]:
     """Each plan as two requests, one per model, with the same prompts and a shared pair id."""
     return [GenerationRequest(
@@ -65,12 +78,37 @@ def paired_requests(experiment_id: str, rnd: int, plans: list[Plan]) -> list[Gen
 
 
 class SamplingPolicy:
-    def __init__(self, cfg: ControllerConfig, prompts: list[PromptRef], seed: int = 0) -> None:
+    """Plans paired generation rounds.
+
+    ``inventory`` (prompt id -> pairs available) bounds what may be asked when texts are replayed
+    from a file: prompts whose texts are used up are never planned again, a plan never asks for more
+    samples than both roles still have, exemplar continuations are off (a file holds no
+    continuations), and the policy stops with ``stopped_because = "data_exhausted"`` when nothing is
+    left.  ``None`` means a live model on both sides (unbounded).
+
+    >>> from services.core.config import ControllerConfig
+    >>> prompts = [PromptRef(prompt_id=f"p{i}", text=f"prompt {i}") for i in range(3)]
+    >>> policy = SamplingPolicy(ControllerConfig(initial_texts=12, max_texts=20), prompts,
+    ...                         inventory={"p0": 1, "p1": 1, "p2": 1})
+    >>> [([q.prompt_id for q in p.prompts], p.n_per_prompt) for p in policy.initial_plans()]  # one pair each
+    [(['p0', 'p1', 'p2'], 1)]
+    >>> plans, reason = policy.next_plans()
+    >>> plans, policy.stopped_because
+    ([], 'data_exhausted')
+    """
+
+    def __init__(self, cfg: ControllerConfig, prompts: list[PromptRef], seed: int = 0,
+                 inventory: Mapping[str, int] | None = None) -> None:
         if not prompts:
             raise ValueError("the prompt source produced no prompts")
         self.cfg = cfg
+        self.available: dict[str, int] | None = (
+            {p.prompt_id: int(inventory.get(p.prompt_id, 0)) for p in prompts} if inventory is not None else None)
+        if self.available is not None:
+            prompts = [p for p in prompts if self.available[p.prompt_id] > 0] or prompts[:1]
         self.prompts = prompts
         self.by_id = {p.prompt_id: p for p in prompts}
+        self.stopped_because = ""  # budget | stable | data_exhausted, once next_plans returned no plans
         self.rng = random.Random(seed)
         self.np_rng = np.random.default_rng(seed)
         self.contrast = ContrastIndex(cfg.contrast, seed=seed)
@@ -101,7 +139,8 @@ class SamplingPolicy:
             if ex.prompt_id in self.by_id:
                 self.uncertain[ex.prompt_id] += ev.score / max(len(ev.exemplars), 1)
             # once each: the same text named by two events would be continued twice, with one id
-            if ex.text and len(self.exemplars) < 256 and all(e.text_id != ex.text_id for e in self.exemplars):
+            if (self.available is None and ex.text and len(self.exemplars) < 256
+                    and all(e.text_id != ex.text_id for e in self.exemplars)):
                 self.exemplars.append(Exemplar(text_id=ex.text_id, prompt_id=ex.prompt_id, text=ex.text))
 
     def observe_snapshot(self, snap: ClusterSnapshot) -> None:
@@ -112,6 +151,11 @@ class SamplingPolicy:
     @property
     def budget_left(self) -> int:
         return max(0, self.cfg.max_texts - self.texts_planned)
+
+    @property
+    def data_left(self) -> int | None:
+        """Texts (both roles) the replayed data can still give; None when unbounded."""
+        return None if self.available is None else 2 * sum(self.available.values())
 
     def initial_plans(self) -> list[Plan]:
         per_role = min(self.cfg.initial_texts, self.cfg.max_texts) // 2
@@ -127,13 +171,19 @@ class SamplingPolicy:
         return self._commit(plans)
 
     def next_plans(self) -> tuple[list[Plan], str]:
-        """Plans for the next round and the reason, in words; no plans means stop."""
+        """Plans for the next round and the reason, in words; no plans means stop (and
+        ``stopped_because`` says which rule stopped it)."""
         if self.budget_left < 2:
+            self.stopped_because = "budget"
             return [], f"budget spent ({self.texts_planned} texts)"
+        if self.data_left is not None and self.data_left < 2:
+            self.stopped_because = "data_exhausted"
+            return [], f"data exhausted: every prompt's texts are used ({self.texts_planned} texts planned)"
         if (self.cfg.strategy == "active" and self.cfg.stop_when_stable and self.round >= 2
                 and self.texts_planned >= self.cfg.min_budget_fraction * self.cfg.max_texts
                 and self.unresolved_in_round == 0 and self.last_nmi is not None and self.last_nmi >= 0.9
                 and not self.unexplained_modes()):
+            self.stopped_because = "stable"
             return [], "every cluster resolved, no unexplained difference left, and the clustering is stable"
         self.round += 1
         per_role = min(self.cfg.round_texts, self.budget_left) // 2
@@ -204,7 +254,7 @@ class SamplingPolicy:
             pairs[pid] += 1
         hits: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for i in np.flatnonzero(open_):
-            if view.prompt_ids[i] in self.by_id:  # not continuations of exemplars: no prompt to re-ask
+            if view.prompt_ids[i] in self.by_id and self.is_open(view.prompt_ids[i]):  # not exemplars, not used up
                 hits[int(view.mode[i])][view.prompt_ids[i]] += 1
         if not hits:
             return self._thompson(view, n_texts)
@@ -240,9 +290,11 @@ class SamplingPolicy:
         mean = (hits.sum() + 1.0) / (pairs.sum() + 2.0)  # the pooled rate: the prior's mean
         a = mean * c.prior_strength + hits
         b = (1.0 - mean) * c.prior_strength + np.maximum(pairs - hits, 0.0)
+        closed = np.array([not self.is_open(p.prompt_id) for p in self.prompts])
         counts = np.zeros(len(self.prompts), dtype=np.int64)
         for start in range(0, picks, 64):  # bounded memory for large prompt sets
             draws = self.np_rng.beta(a, b, size=(min(64, picks - start), len(self.prompts)))
+            draws[:, closed] = -1.0
             counts += np.bincount(draws.argmax(axis=1), minlength=len(self.prompts))
         return {self.prompts[i].prompt_id: int(counts[i]) * c.samples_per_pick
                 for i in np.flatnonzero(counts)}
@@ -262,8 +314,15 @@ class SamplingPolicy:
         if n_texts <= 0:
             return []
         counts: dict[str, int] = defaultdict(int)
+        open_prompts = self.prompts if self.available is None else [
+            p for p in self.prompts if self.available[p.prompt_id] > 0]
         for _ in range(n_texts):
-            counts[self.prompts[self.rng.randrange(len(self.prompts))].prompt_id] += 1
+            if not open_prompts:
+                break
+            pick = open_prompts[self.rng.randrange(len(open_prompts))].prompt_id
+            counts[pick] += 1
+            if self.available is not None and counts[pick] >= self.available[pick]:
+                open_prompts = [p for p in open_prompts if p.prompt_id != pick]
         return self._plans_by_count(counts, reason, note)
 
     def _plans_by_count(self, counts: Mapping[str, int], reason: str, note: str) -> list[Plan]:
@@ -282,12 +341,32 @@ class SamplingPolicy:
         return [Plan(reason, prompts=prompts[i:i + k], n_per_prompt=n, note=note) for i in range(0, len(prompts), k)]
 
     def _commit(self, plans: list[Plan]) -> list[Plan]:
-        """Trim plans to the budget and count them as spent."""
+        """Trim plans to the budget (and to the replayed data left) and count them as spent."""
         out = []
-        for plan in plans:
+        for plan in (q for p in plans for q in self._within_inventory(p)):
             cost = 2 * plan.texts_per_role
             if cost > self.budget_left:
                 break
             self.texts_planned += cost
+            if self.available is not None:
+                for p in plan.prompts:
+                    self.available[p.prompt_id] -= plan.n_per_prompt
             out.append(plan)
         return out
+
+    def _within_inventory(self, plan: Plan) -> list[Plan]:
+        """The plan cut to what the replayed data still holds: a prompt with fewer pairs left than
+        the plan asks for is asked for what it has, in a plan of its own; used-up prompts drop out."""
+        if self.available is None:
+            return [plan]
+        by_n: dict[int, list[PromptRef]] = defaultdict(list)
+        for p in plan.prompts:
+            n = min(plan.n_per_prompt, self.available.get(p.prompt_id, 0))
+            if n > 0:
+                by_n[n].append(p)
+        return [Plan(plan.reason, prompts=ps, n_per_prompt=n, note=plan.note) for n, ps in sorted(by_n.items(),
+                                                                                                  reverse=True)]
+
+    def is_open(self, prompt_id: str) -> bool:
+        """False once a replayed prompt's texts are used up."""
+        return self.available is None or self.available.get(prompt_id, 0) > 0

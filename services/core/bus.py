@@ -1,9 +1,15 @@
-"""Kafka plumbing on aiokafka: topic names, topic creation, a producer that stamps envelopes,
-and consumer-lag queries.  The consume loop itself lives in :mod:`services.core.runtime`.
+"""The bus the services talk to: Kafka through aiokafka, or the in-memory bus of the same shape.
+
+A service never constructs a Kafka client itself: it asks ``ctx.bus`` for a producer and a
+consumer.  :class:`KafkaBus` is the production implementation (the embedded Tansu broker or a
+real Kafka); :class:`services.core.memory_bus.MemoryBus` runs the same services in one process
+for statistics tests and benchmarks, held to this one by a parity test.
 
 Delivery is at-least-once: consumers commit only after their outputs are acknowledged, and every
 effect that is not naturally idempotent dedupes by event id.  Idempotent/transactional producers
-are opt-in (``bus.exactly_once``) because Tansu rejects InitProducerId.
+are opt-in (``bus.exactly_once``) because Tansu rejects InitProducerId.  Flushes and commits have
+deadlines (``bus.request_timeout_s``): a broker that stopped answering raises
+:class:`BrokerUnavailable` instead of hanging the service.
 """
 
 from __future__ import annotations
@@ -11,37 +17,217 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from services.core.config import BusConfig
-from services.core.events import EVENT_TYPES, Envelope, Event
+from services.core.events import Envelope, Event
+from services.core.topics import ESCALATION_PREFIX, LOGICAL_TOPICS, Topics, escalation_topic
+
+__all__ = [
+    "ESCALATION_PREFIX",
+    "LOGICAL_TOPICS",
+    "BrokerUnavailable",
+    "Bus",
+    "Consumer",
+    "EventProducer",
+    "KafkaBus",
+    "LagProbe",
+    "PartitionLag",
+    "Producer",
+    "Topics",
+    "end_offsets",
+    "ensure_topics",
+    "escalation_topic",
+    "group_lag",
+    "make_consumer",
+]
 
 log = logging.getLogger("autointerv.bus")
 
-LOGICAL_TOPICS: tuple[str, ...] = tuple(e.topic for e in EVENT_TYPES)
-ESCALATION_PREFIX = "escalations."  # + tier name: input topic of validator tiers after the first
+
+class BrokerUnavailable(RuntimeError):
+    """The broker did not acknowledge a flush or a commit in time (or refused it)."""
 
 
-@dataclass(frozen=True)
-class Topics:
-    """Maps logical topic names to physical ones (``<prefix>.<logical>``)."""
+#: Errors that mean "the infrastructure is not answering", never "this record is bad": the runtime
+#: rewinds and retries the batch instead of dead-lettering its records.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (BrokerUnavailable, KafkaError)
 
-    prefix: str
 
-    def name(self, logical: str) -> str:
-        return f"{self.prefix}.{logical}"
+class Consumer(Protocol):
+    """The part of aiokafka's consumer the runtime uses; the memory bus implements the same."""
 
-    def logical(self, physical: str) -> str:
-        return physical[len(self.prefix) + 1:] if physical.startswith(self.prefix + ".") else physical
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
+                      max_records: int | None = None) -> dict[TopicPartition, list[Any]]: ...
+    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    async def position(self, tp: TopicPartition) -> int: ...
+    def seek(self, tp: TopicPartition, offset: int) -> None: ...
+    def pause(self, *partitions: TopicPartition) -> None: ...
+    def resume(self, *partitions: TopicPartition) -> None: ...
 
-    def all(self, extra: Iterable[str] = ()) -> list[str]:
-        return [self.name(t) for t in (*LOGICAL_TOPICS, *extra)]
+
+class EventProducer(ABC):
+    """Stamps CloudEvents headers and tracks in-flight sends, so a consumer can ``flush()`` (wait
+    for acknowledgements) before committing its input offsets."""
+
+    def __init__(self, topics: Topics, source: str, request_timeout_s: float | None = None) -> None:
+        self.topics = topics
+        self.source = source
+        self.request_timeout_s = request_timeout_s
+        self._pending: list[asyncio.Future[object]] = []
+
+    async def start(self) -> None:
+        """Connect (no-op for transports that need no connection)."""
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    @abstractmethod
+    async def _send(self, physical_topic: str, value: bytes, key: bytes | None,
+                    headers: list[tuple[str, bytes]]) -> asyncio.Future[object]:
+        """Queue one record; return a future resolved when the broker acknowledges it."""
+
+    async def send(self, event: Event, topic: str | None = None) -> None:
+        """Queue one event; ``topic`` overrides the event's logical topic (escalations)."""
+        physical = self.topics.name(topic or event.topic)
+        headers = Envelope.for_event(event, self.source).to_headers()
+        self._pending.append(await self._send(physical, event.to_bytes(), event.partition_key().encode(), headers))
+
+    async def send_raw(self, physical_topic: str, value: bytes, key: bytes | None = None,
+                       headers: list[tuple[str, bytes]] | None = None) -> None:
+        self._pending.append(await self._send(physical_topic, value, key, headers or []))
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for f in self._pending if not f.done())
+
+    async def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every queued record is acknowledged; :class:`BrokerUnavailable` when that takes
+        longer than ``timeout_s`` (default ``request_timeout_s``) or the broker refused one."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        limit = self.request_timeout_s if timeout_s is None else timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(*pending)), limit)
+        except TimeoutError:
+            self._pending = [f for f in pending if not f.done()] + self._pending
+            raise BrokerUnavailable(f"{len(self._pending)} record(s) not acknowledged within {limit:.0f}s") from None
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"the broker refused a record: {exc!r}") from exc
+
+
+class Producer(EventProducer):
+    """The Kafka producer (aiokafka)."""
+
+    def __init__(self, bus: BusConfig, bootstrap: str, topics: Topics, source: str) -> None:
+        super().__init__(topics, source, bus.request_timeout_s)
+        kwargs: dict[str, object] = {"acks": "all", "linger_ms": 5, "max_batch_size": 1 << 20,
+                                     "max_request_size": 8 << 20,
+                                     "request_timeout_ms": int(bus.request_timeout_s * 1000)}
+        if bus.exactly_once:
+            kwargs["enable_idempotence"] = True
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=f"{bus.client_id}-{source}",
+                                          **kwargs)
+        self._started = False
+
+    async def start(self) -> None:
+        await self._producer.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        await super().stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._producer.stop(), self.request_timeout_s)
+        self._started = False
+
+    async def _send(self, physical_topic: str, value: bytes, key: bytes | None,
+                    headers: list[tuple[str, bytes]]) -> asyncio.Future[object]:
+        try:
+            return await self._producer.send(physical_topic, value, key=key, headers=headers)
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"cannot queue a record for {physical_topic}: {exc!r}") from exc
+
+
+class Bus(ABC):
+    """Where services get producers and consumers, and what operators' lag queries go through."""
+
+    def __init__(self, cfg: BusConfig, topics: Topics) -> None:
+        self.cfg = cfg
+        self.topics = topics
+
+    @abstractmethod
+    async def ensure_topics(self, names: Iterable[str]) -> None:
+        """Create missing topics (idempotent)."""
+
+    @abstractmethod
+    def producer(self, source: str) -> EventProducer: ...
+
+    @abstractmethod
+    def consumer(self, topics: list[str], group_id: str, client_id: str) -> Consumer: ...
+
+    @abstractmethod
+    async def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
+        """True end offset (last record + 1) of every partition of these physical topics."""
+
+    @abstractmethod
+    async def group_lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]: ...
+
+    @property
+    def address(self) -> str:
+        """Where the bus is, in words (logged at start-up, printed by ``autointerv run``)."""
+        return type(self).__name__
+
+    async def close(self) -> None:
+        """Release connections held for lag queries."""
+
+
+class KafkaBus(Bus):
+    """aiokafka against the embedded Tansu broker or a real Kafka."""
+
+    def __init__(self, cfg: BusConfig, bootstrap: str, topics: Topics) -> None:
+        super().__init__(cfg, topics)
+        self.bootstrap = bootstrap
+        self._probe = LagProbe(bootstrap)
+        self._probe_lock = asyncio.Lock()  # the probe's consumer seeks: one query at a time
+
+    @property
+    def address(self) -> str:
+        return self.bootstrap
+
+    async def ensure_topics(self, names: Iterable[str]) -> None:
+        await ensure_topics(self.bootstrap, names, self.cfg.partitions, self.cfg.replication_factor)
+
+    def producer(self, source: str) -> EventProducer:
+        return Producer(self.cfg, self.bootstrap, self.topics, source)
+
+    def consumer(self, topics: list[str], group_id: str, client_id: str) -> Consumer:
+        return make_consumer(self.cfg, self.bootstrap, topics, group_id, client_id)
+
+    async def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
+        async with self._probe_lock:
+            return await asyncio.wait_for(self._probe.end_offsets(topics), self.cfg.request_timeout_s)
+
+    async def group_lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
+        async with self._probe_lock:
+            return await asyncio.wait_for(self._probe.lag(group_id, topics), self.cfg.request_timeout_s)
+
+    async def close(self) -> None:
+        async with self._probe_lock:
+            await self._probe.close()
 
 
 async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int, replication: int) -> None:
@@ -59,48 +245,6 @@ async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int, r
         await admin.close()
 
 
-class Producer:
-    """AIOKafkaProducer that stamps CloudEvents headers and tracks in-flight sends, so a
-    consumer can ``flush()`` (wait for acks) before committing its input offsets."""
-
-    def __init__(self, bus: BusConfig, bootstrap: str, topics: Topics, source: str) -> None:
-        kwargs: dict[str, object] = {"acks": "all", "linger_ms": 5, "max_batch_size": 1 << 20,
-                                     "max_request_size": 8 << 20}
-        if bus.exactly_once:
-            kwargs["enable_idempotence"] = True
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=f"{bus.client_id}-{source}",
-                                          **kwargs)
-        self.topics = topics
-        self.source = source
-        self._pending: list[asyncio.Future[object]] = []
-
-    async def start(self) -> None:
-        await self._producer.start()
-
-    async def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.flush()
-        await self._producer.stop()
-
-    async def send(self, event: Event, topic: str | None = None) -> None:
-        """Queue one event; ``topic`` overrides the event's logical topic (escalations)."""
-        physical = self.topics.name(topic or event.topic)
-        headers = Envelope.for_event(event, self.source).to_headers()
-        fut = await self._producer.send(physical, event.to_bytes(), key=event.partition_key().encode(),
-                                        headers=headers)
-        self._pending.append(fut)
-
-    async def send_raw(self, physical_topic: str, value: bytes, key: bytes | None = None,
-                       headers: list[tuple[str, bytes]] | None = None) -> None:
-        self._pending.append(await self._producer.send(physical_topic, value, key=key, headers=headers or []))
-
-    async def flush(self) -> None:
-        """Wait until every queued record is acknowledged by the broker (raises on failure)."""
-        pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
-
-
 def make_consumer(bus: BusConfig, bootstrap: str, topics: list[str], group_id: str,
                   client_id: str) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
@@ -109,7 +253,7 @@ def make_consumer(bus: BusConfig, bootstrap: str, topics: list[str], group_id: s
         isolation_level="read_committed" if bus.exactly_once else "read_uncommitted",
         session_timeout_ms=bus.session_timeout_ms, heartbeat_interval_ms=bus.heartbeat_interval_ms,
         rebalance_timeout_ms=bus.session_timeout_ms, max_poll_interval_ms=600_000,
-        fetch_max_wait_ms=bus.fetch_max_wait_ms,
+        fetch_max_wait_ms=bus.fetch_max_wait_ms, request_timeout_ms=int(bus.request_timeout_s * 1000),
     )
 
 
@@ -198,29 +342,41 @@ class LagProbe:
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
 
-    async def lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
+    async def _open(self) -> AIOKafkaConsumer:
         if self._consumer is None:
-            self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
-            await self._consumer.start()
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+            await consumer.start()
+            self._consumer = consumer
+        return self._consumer
+
+    async def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
+        return await end_offsets(self.bootstrap, topics, probe=await self._open())
+
+    async def lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
+        ends = await self.end_offsets(topics)
         if self._admin is None:
-            self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-            await self._admin.start()
-        ends = await end_offsets(self.bootstrap, topics, probe=self._consumer)
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            await admin.start()
+            self._admin = admin
         committed = await self._admin.list_consumer_group_offsets(group_id, partitions=list(ends))
-        return _lags(ends, committed)
+        return lags_of(ends, committed)
 
     async def close(self) -> None:
         if self._consumer is not None:
-            await self._consumer.stop()
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
         if self._admin is not None:
-            await self._admin.close()
+            with contextlib.suppress(Exception):
+                await self._admin.close()
         self._consumer = self._admin = None
 
 
-def _lags(ends: dict[TopicPartition, int], committed: Mapping[TopicPartition, Any]) -> list[PartitionLag]:
+def lags_of(ends: Mapping[TopicPartition, int], committed: Mapping[TopicPartition, Any]) -> list[PartitionLag]:
+    """Per-partition lag rows from end offsets and committed offsets (``OffsetAndMetadata`` or int)."""
     out = []
     for tp, end in sorted(ends.items(), key=lambda kv: (kv[0].topic, kv[0].partition)):
         meta = committed.get(tp)
-        off = meta.offset if meta is not None and meta.offset >= 0 else None
-        out.append(PartitionLag(tp.topic, tp.partition, end, off))
+        off = meta if isinstance(meta, int) else (meta.offset if meta is not None else None)
+        out.append(PartitionLag(tp.topic, tp.partition, end, off if off is not None and off >= 0 else None))
     return out
+

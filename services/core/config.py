@@ -50,6 +50,14 @@ class BusConfig(Strict):
     fetch_max_wait_ms: int = Field(default=100, ge=0)
     exactly_once: bool = False  # real Kafka only: Tansu rejects idempotent/transactional producers
     client_id: str = "autointerv"
+    # deadlines: a flush or commit the broker has not acknowledged after this long raises instead of
+    # hanging; the batch is rewound and retried with backoff
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    # a service that cannot reach the broker for this long stops with a clear message (the run ends
+    # with stopped_because "broker_lost"); reconnecting within it carries on where it left off
+    broker_loss_s: float = Field(default=60.0, gt=0)
+    # on SIGTERM/SIGINT: the most a service spends draining (flush, final commit) before it exits
+    shutdown_timeout_s: float = Field(default=8.0, gt=0)
 
 
 class CacheConfig(Strict):
@@ -58,6 +66,9 @@ class CacheConfig(Strict):
     vector_dtype: Literal["float16", "float32"] = "float16"
     ttl_s: int | None = Field(default=30 * 24 * 3600, ge=1)  # refreshed on hit; None = no expiry
     enabled: bool = True
+    # a stateful service that cannot reach Redis for this long stops with a clear message; shorter
+    # outages are retried (the embedder degrades to encoding without the cache instead)
+    outage_s: float = Field(default=60.0, gt=0)
 
 
 class ObservabilityConfig(Strict):
@@ -251,8 +262,16 @@ class ControllerConfig(Strict):
     stop_when_stable: bool = True
     contrast: ContrastConfig = Field(default_factory=ContrastConfig)
     prompts_per_request: int = Field(default=16, ge=1)
-    max_wall_s: float | None = Field(default=None, gt=0)
-    idle_finish_s: float = Field(default=20.0, gt=0)  # finish when nothing moves for this long
+    max_wall_s: float | None = Field(default=None, gt=0)  # stop planning after this long (stopped_because wall_time)
+    # A round is closed once every request's generation report is in, and the next one is planned
+    # once the clusterer has all of the round's texts (its barrier snapshot) and, with
+    # wait_for_decisions, every hypothesis so far has a final decision: each plan then sees the same
+    # evidence on every run.  What has not arrived after round_timeout_s counts as lost; a run that
+    # loses more than max_lost_share of its texts stops (stopped_because lost_texts).
+    round_timeout_s: float = Field(default=300.0, gt=0)
+    wait_for_decisions: bool = True  # off: plan without waiting for validators (e.g. slow LLM tiers)
+    settle_timeout_s: float = Field(default=120.0, gt=0)  # longest wait for decisions, per round and at the end
+    max_lost_share: float = Field(default=0.1, ge=0, le=1)
 
 
 class LLMConfig(Strict):
@@ -360,6 +379,19 @@ class Config(Strict):
     hypothesizer: HypothesizerConfig = Field(default_factory=HypothesizerConfig)
     validator: ValidatorConfig = Field(default_factory=ValidatorConfig)
     ground_truth: GroundTruthConfig = Field(default_factory=GroundTruthConfig)
+
+    @model_validator(mode="after")
+    def _replay_prompts(self) -> Config:
+        """Both models replayed from one file: its prompts are the prompt source unless one is set."""
+        roles = (self.models.base, self.models.intervention)
+        if "source" not in self.prompts.model_fields_set and all(m.backend == "replay" for m in roles):
+            path = self.prompts.path or roles[0].path
+            self.prompts = self.prompts.model_copy(update={"source": "replay", "path": path})
+        elif self.prompts.source == "replay" and not self.prompts.path:
+            replayed = next((m.path for m in roles if m.backend == "replay" and m.path), None)
+            if replayed:
+                self.prompts = self.prompts.model_copy(update={"path": replayed})
+        return self
 
     @property
     def experiment_id(self) -> str:

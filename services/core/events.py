@@ -43,6 +43,7 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=False)
     topic: ClassVar[str]  # logical topic name, see services.core.topics
     type: ClassVar[str]  # CloudEvents type, e.g. "autointerv.text.decoded"
+    key_doc: ClassVar[str] = "experiment id: one ordered stream per experiment"  # what the Kafka key is, in words
 
     schema_version: str = SCHEMA_VERSION
     experiment_id: str
@@ -93,6 +94,7 @@ class Decoding(BaseModel):
 class GenerationRequest(Event):
     topic: ClassVar[str] = "generation-requests"
     type: ClassVar[str] = "autointerv.generation.requested"
+    key_doc: ClassVar[str] = "request id: spreads requests over generator replicas"
 
     request_id: str = Field(default_factory=new_id)
     pair_id: str = ""  # shared by the base and intervention requests planned together
@@ -115,6 +117,7 @@ class GenerationRequest(Event):
 class DecodedText(Event):
     topic: ClassVar[str] = "texts"
     type: ClassVar[str] = "autointerv.text.decoded"
+    key_doc: ClassVar[str] = "text id: spreads texts over embedder replicas"
 
     text_id: str
     request_id: str
@@ -139,6 +142,33 @@ class DecodedText(Event):
         return self.text_id  # spread across embedder replicas
 
 
+class GenerationFailure(BaseModel):
+    prompt_id: str
+    reason: str
+    exhausted: bool = False  # replay data ran out for this prompt (not an error of the model)
+
+
+class GenerationReport(Event):
+    """What one generation request produced: the controller's round gate counts texts by these
+    reports, not by what it planned, so failed or exhausted prompts never leave it waiting."""
+
+    topic: ClassVar[str] = "generation-reports"
+    type: ClassVar[str] = "autointerv.generation.reported"
+
+    request_id: str
+    pair_id: str = ""
+    role: Role
+    round: int = 0
+    texts: int  # texts emitted for this request
+    failures: list[GenerationFailure] = Field(default_factory=list)
+    backend: str = ""
+    seconds: float = 0.0
+    created_at: float = Field(default_factory=time.time)
+
+    def event_id(self) -> str:
+        return self.request_id
+
+
 # --------------------------------------------------------------------------- embedding
 
 
@@ -148,6 +178,7 @@ class EmbeddedText(Event):
 
     topic: ClassVar[str] = "embeddings"
     type: ClassVar[str] = "autointerv.text.embedded"
+    key_doc: ClassVar[str] = "experiment id: one ordered stream per experiment for the stateful clusterer"
 
     text_id: str
     request_id: str = ""
@@ -212,6 +243,13 @@ class ClusterSnapshot(Event):
     clusters: list[ClusterStats]
     quality: ClusterQuality
     created_at: float = Field(default_factory=time.time)
+    # set on the snapshot that closes a sampling round (the controller's RoundClosed barrier):
+    # taken once every text of rounds <= barrier_round has arrived, so it is the same on every run
+    barrier_round: int | None = None
+    n_arrived: int = 0  # texts received, ingested or still waiting for their pair partner
+    n_orphans: int = 0  # texts dropped because their pair partner was never produced
+    n_candidates: int = 0  # candidates emitted so far (the controller waits for them at a barrier)
+    n_uncertainty: int = 0  # uncertainty events emitted so far
 
     def event_id(self) -> str:
         return f"{self.experiment_id}:snapshot:{self.seq}"
@@ -286,6 +324,7 @@ class Hypothesis(Event):
     label_text_ids: list[str] = Field(default_factory=list)  # what the labeler saw
     holdout_texts: list[TextRef] = Field(default_factory=list)  # for validators only
     cluster_evidence: dict[str, float] = Field(default_factory=dict)  # share diff, CI, e-value
+    siblings: int = 1  # hypotheses proposed for the same candidate (the controller waits for all of them)
     created_at: float = Field(default_factory=time.time)
 
     def event_id(self) -> str:
@@ -322,6 +361,28 @@ class Validation(Event):
         return self.validation_id
 
 
+class ControlEvent(Event):
+    """The controller's announcements to the whole experiment: a sampling round is closed (every
+    text it produced is on the bus: the clusterer takes a barrier snapshot once they have all
+    arrived), or the experiment is finished (why, and the counts): services finalize, the sink
+    writes the report, and processes started for this one run exit."""
+
+    topic: ClassVar[str] = "control"
+    type: ClassVar[str] = "autointerv.experiment.control"
+
+    kind: Literal["round_closed", "finished"]
+    round: int
+    expected_texts: int = 0  # texts produced in rounds <= round (round_closed)
+    force: bool = False  # round_closed after a timeout: snapshot now, whatever has arrived
+    stopped_because: str = ""  # finished: budget | data_exhausted | stable | wall_time | lost_texts | signal
+    detail: str = ""  # finished: the reason in words
+    counts: dict[str, int] = Field(default_factory=dict)  # finished: planned, produced, failed, lost, ...
+    created_at: float = Field(default_factory=time.time)
+
+    def event_id(self) -> str:
+        return f"{self.experiment_id}:{self.kind}:{self.round}:{int(self.force)}"
+
+
 class DeadLetter(Event):
     topic: ClassVar[str] = "dead-letters"
     type: ClassVar[str] = "autointerv.deadletter"
@@ -342,12 +403,14 @@ class DeadLetter(Event):
 EVENT_TYPES: tuple[type[Event], ...] = (
     GenerationRequest,
     DecodedText,
+    GenerationReport,
     EmbeddedText,
     ClusterSnapshot,
     UncertaintyEvent,
     CandidateCluster,
     Hypothesis,
     Validation,
+    ControlEvent,
     DeadLetter,
 )
 EVENTS_BY_TOPIC: Mapping[str, type[Event]] = {e.topic: e for e in EVENT_TYPES}

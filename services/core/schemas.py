@@ -1,4 +1,5 @@
-"""JSON Schema files in ``schemas/`` generated from the event models, and a drift check."""
+"""Files in ``schemas/`` generated from code, and a drift check: one JSON Schema per topic from the
+event models, and ``asyncapi.yaml`` from the services' consumes/produces declarations."""
 
 from __future__ import annotations
 
@@ -32,6 +33,27 @@ def schema_path(directory: Path, etype: type[Event]) -> Path:
     return directory / f"{etype.topic}.schema.json"
 
 
+ASYNCAPI_FILE = "asyncapi.yaml"
+ASYNCAPI_HEADER = (b"# AsyncAPI 3.0 description of the autointerv topics, GENERATED from the services'\n"
+                   b"# consumes/produces declarations (services/core/topology.py): do not edit;\n"
+                   b"# run `autointerv schemas --write`.\n"
+                   b"# Physical topic = <bus.topic_prefix>.<logical>. Payloads reference the JSON Schema files here.\n")
+
+
+def render_asyncapi() -> bytes:
+    """The AsyncAPI document of the default pipeline (every built-in service, the default tiers)."""
+    import yaml
+
+    from services.core.config import load_config
+    from services.core.topology import asyncapi
+    from services.monitor.contract import MONITOR_ASYNCAPI
+    from services.orchestrator import declared_topology
+
+    cfg = load_config(None, environ={})
+    doc = asyncapi(declared_topology(cfg), partitions=cfg.bus.partitions, extra=MONITOR_ASYNCAPI)
+    return ASYNCAPI_HEADER + yaml.safe_dump(doc, sort_keys=False, width=110, allow_unicode=True).encode()
+
+
 def write_schemas(directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     out = []
@@ -39,6 +61,9 @@ def write_schemas(directory: Path) -> list[Path]:
         p = schema_path(directory, etype)
         p.write_bytes(render(etype))
         out.append(p)
+    api = directory / ASYNCAPI_FILE
+    api.write_bytes(render_asyncapi())
+    out.append(api)
     return out
 
 
@@ -51,4 +76,9 @@ def check_schemas(directory: Path) -> list[str]:
             problems.append(f"{p}: missing")
         elif orjson.loads(p.read_bytes()) != orjson.loads(render(etype)):
             problems.append(f"{p}: differs from {etype.__name__}; run `autointerv schemas --write`")
+    api = directory / ASYNCAPI_FILE
+    if not api.is_file():
+        problems.append(f"{api}: missing")
+    elif api.read_bytes() != render_asyncapi():
+        problems.append(f"{api}: stale (the services' declarations changed); run `autointerv schemas --write`")
     return problems

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
+from redis.asyncio import Redis
+
 from services.core.config import Config, EmbedderConfig
 from services.core.events import DecodedText, EmbeddedText
-from services.core.runtime import Incoming, Service
+from services.core.runtime import Incoming, Service, ServiceContext
 from services.embedder.cache import EmbeddingCache, connect, embed_with_cache
 from services.embedder.encoder import Encoder, check_text, normalise_text
 
@@ -41,9 +43,14 @@ def make_cache(cfg: Config, redis) -> EmbeddingCache | None:
 class EmbedderService(Service):
     name: ClassVar[str] = "embedder"
     consumes = (DecodedText,)
+    produces = (EmbeddedText,)
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.redis: Redis | None = None
 
     async def setup(self) -> None:
-        self.encoder = await make_encoder(self.cfg.embedder)
+        self.encoder = await self.ctx.resources.encoder(self.cfg.embedder)
         self.redis = connect(self.ctx.redis_url)  # fail fast: a dead Redis degrades the cache, never stalls
         self.cache = make_cache(self.cfg, self.redis)
         m = self.metrics
@@ -90,5 +97,5 @@ class EmbedderService(Service):
             self._bytes_seen = (read, written)
 
     async def teardown(self) -> None:
-        if getattr(self, "redis", None) is not None:
+        if self.redis is not None:
             await self.redis.aclose()

@@ -13,9 +13,8 @@ from __future__ import annotations
 import time
 from typing import ClassVar
 
-from services.core.bus import LagProbe
-from services.core.events import DecodedText, GenerationRequest, stable_id
-from services.core.runtime import Incoming, Service, generator_group_suffix, group_name
+from services.core.events import DecodedText, GenerationFailure, GenerationReport, GenerationRequest, stable_id
+from services.core.runtime import Incoming, Service, ServiceContext, generator_group_suffix, group_name
 from services.generator.backends import make_backend
 from services.generator.backends.base import DecodingParams, GenerationBackend, GenerationTask
 
@@ -23,11 +22,15 @@ from services.generator.backends.base import DecodingParams, GenerationBackend, 
 class GeneratorService(Service):
     name: ClassVar[str] = "generator"
     consumes = (GenerationRequest,)
+    produces = (DecodedText, GenerationReport)
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.backends: dict[str, GenerationBackend] = {}
 
     async def setup(self) -> None:
         self.roles = sorted(set(self.cfg.generator.roles))
-        self._lag_probe = LagProbe(self.ctx.bootstrap)
-        self.backends: dict[str, GenerationBackend] = {
+        self.backends = {
             role: make_backend(getattr(self.cfg.models, role), self.cfg.generator, role) for role in self.roles
         }
         m = self.metrics
@@ -41,7 +44,7 @@ class GeneratorService(Service):
         self.m_embed_lag = m.gauge("generator_observed_embedder_lag", "Embedder lag seen by backpressure",
                                    ["service"])
         self.paused = False
-        self._last_lag_check = 0.0
+        self._last_lag_check = float("-inf")
 
     def group_id(self) -> str:
         return super().group_id() + generator_group_suffix(self.cfg.generator.roles)
@@ -73,12 +76,29 @@ class GeneratorService(Service):
         return tasks
 
     async def _serve(self, req: GenerationRequest) -> None:
+        """Serve every task of one request, then report what it produced (the controller's round
+        gate counts these reports).  Failures are logged once per request, aggregated."""
         backend = self.backends[req.role]
+        t0 = time.perf_counter()
+        produced = 0
+        failures: list[GenerationFailure] = []
         for tasks in _unique_prompt_batches(self._tasks(req)):
-            await self._serve_tasks(req, backend, tasks)
+            n, failed = await self._serve_tasks(req, backend, tasks)
+            produced += n
+            failures += failed
+        if failures:
+            exhausted = sum(f.exhausted for f in failures)
+            log = self.log.warning if exhausted == len(failures) else self.log.error
+            log("prompts not served", extra={
+                "request_id": req.request_id, "role": req.role, "failed": len(failures), "exhausted": exhausted,
+                "first": failures[0].reason[:300]})
+        await self.emit(GenerationReport(
+            experiment_id=req.experiment_id, request_id=req.request_id, pair_id=req.pair_id, role=req.role,
+            round=req.round, texts=produced, failures=failures, backend=backend.name,
+            seconds=time.perf_counter() - t0))
 
     async def _serve_tasks(self, req: GenerationRequest, backend: GenerationBackend,
-                           tasks: list[GenerationTask]) -> None:
+                           tasks: list[GenerationTask]) -> tuple[int, list[GenerationFailure]]:
         labels = (backend.name, req.role)
         t0 = time.perf_counter()
         result = await backend.generate(tasks)
@@ -100,45 +120,41 @@ class GeneratorService(Service):
             ))
             self.m_tokens.labels(*labels).inc(g.n_tokens)
         self.m_texts.labels(*labels).inc(len(result.texts))
-        for failure in result.failures:
-            self.m_failures.labels(*labels).inc()
-            self.log.error("generation failed", extra={"request_id": req.request_id,
-                                                       "prompt_id": failure.prompt_id, "error": str(failure)})
+        self.m_failures.labels(*labels).inc(len(result.failures))
+        return len(result.texts), [GenerationFailure(prompt_id=f.prompt_id or "", reason=str(f), exhausted=f.exhausted)
+                                   for f in result.failures]
 
     async def tick(self) -> None:
         await self._backpressure()
 
     async def _backpressure(self) -> None:
-        now = time.monotonic()
-        if self._consumer is None or now - self._last_lag_check < self.cfg.generator.lag_check_s:
+        now = self.clock.monotonic()
+        if not self.consuming or now - self._last_lag_check < self.cfg.generator.lag_check_s:
             return
         self._last_lag_check = now
         group = group_name(self.ctx.topics.prefix, self.ctx.experiment_id, "embedder")
         try:
-            lags = await self._lag_probe.lag(group, [self.ctx.topics.name(DecodedText.topic)])
+            lags = await self.bus.group_lag(group, [self.ctx.topics.name(DecodedText.topic)])
         except Exception as exc:
             self.log.debug("lag query failed", extra={"error": str(exc)})
             return
         lag = sum(p.lag for p in lags)
         self.m_embed_lag.labels(self.name).set(lag)
         limit = self.cfg.generator.max_embedder_lag
-        parts = list(self._consumer.assignment())
         if not self.paused and lag > limit:
-            self._consumer.pause(*parts)
+            self.pause_input()
             self.paused = True
             self.log.info("paused: embedder lag above limit", extra={"lag": lag, "limit": limit})
         elif self.paused and lag <= limit // 2:
-            self._consumer.resume(*parts)
+            self.resume_input()
             self.paused = False
             self.log.info("resumed: embedder lag below half the limit", extra={"lag": lag})
         self.health.paused = self.paused
         self.m_paused.labels(self.name).set(1 if self.paused else 0)
 
     async def teardown(self) -> None:
-        for b in getattr(self, "backends", {}).values():
+        for b in self.backends.values():
             await b.aclose()
-        if getattr(self, "_lag_probe", None) is not None:
-            await self._lag_probe.close()
 
 
 def _unique_prompt_batches(tasks: list[GenerationTask]) -> list[list[GenerationTask]]:

@@ -28,6 +28,7 @@ def other_role(role: str) -> str:
 class HypothesizerService(Service):
     name: ClassVar[str] = "hypothesizer"
     consumes = (CandidateCluster,)
+    produces = (Hypothesis,)
 
     async def setup(self) -> None:
         self.llm = None

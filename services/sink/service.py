@@ -10,7 +10,6 @@ and writes the results, summary and report; it also runs from ``teardown`` when 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from pathlib import Path
 from typing import ClassVar
@@ -21,9 +20,11 @@ from services.core.config import dump_config
 from services.core.events import (
     CandidateCluster,
     ClusterSnapshot,
+    ControlEvent,
     DeadLetter,
     DecodedText,
     EmbeddedText,
+    GenerationReport,
     Hypothesis,
     UncertaintyEvent,
     Validation,
@@ -34,8 +35,8 @@ from services.sink.writer import FinalRun, RunWriter, finalize_run, update_lates
 
 class SinkService(Service):
     name: ClassVar[str] = "sink"
-    consumes = (DecodedText, EmbeddedText, ClusterSnapshot, UncertaintyEvent, CandidateCluster, Hypothesis,
-                Validation, DeadLetter)
+    consumes = (DecodedText, EmbeddedText, GenerationReport, ClusterSnapshot, UncertaintyEvent, CandidateCluster,
+                Hypothesis, Validation, ControlEvent, DeadLetter)
     reservoir_size: ClassVar[int] = 3000  # embedded texts kept for the 2-D map
     flush_rows: ClassVar[int] = 2000  # buffered text/embedding rows per Parquet part, at most
     flush_s: ClassVar[float] = 5.0  # ... or this old
@@ -50,11 +51,14 @@ class SinkService(Service):
         self.received: Counter[str] = Counter()  # records handled per logical topic, duplicates included
         self.written: Counter[str] = Counter()  # new events (texts/embeddings dedupe later, at the merge)
         self.final: FinalRun | None = None
+        # why the process stopped when the controller did not announce the end (summary.json's
+        # stopped_because: "signal", "broker_lost", ...); None while running
+        self.stop_cause: str | None = None
         self._held: dict[TopicPartition, int] = {}
         self._lock = asyncio.Lock()
         self._opened = False
         self._finalized = False
-        self._last_reservoir_save = time.monotonic()
+        self._last_reservoir_save = self.clock.monotonic()
         self.m_written = self.metrics.counter("sink_events_written_total",
                                               "Events written to the run directory", ["topic"])
         self.m_dupes = self.metrics.counter("sink_duplicates_total", "Re-delivered events skipped", ["topic"])
@@ -86,8 +90,8 @@ class SinkService(Service):
     async def tick(self) -> None:
         if self.writer.parts_due():
             self.writer.flush_parts()
-        if time.monotonic() - self._last_reservoir_save >= self.reservoir_save_s:
-            self._last_reservoir_save = time.monotonic()
+        if self.clock.monotonic() - self._last_reservoir_save >= self.reservoir_save_s:
+            self._last_reservoir_save = self.clock.monotonic()
             self.writer.save_reservoir()
 
     async def before_commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int] | None:
@@ -113,7 +117,7 @@ class SinkService(Service):
             self.writer.flush_all()
             self.final = await asyncio.to_thread(
                 finalize_run, self.run_dir, self.cfg.validator.alpha, self.ctx.experiment_id,
-                self.ctx.topics.prefix, ground_truth=self.cfg.ground_truth.enabled)
+                self.ctx.topics.prefix, ground_truth=self.cfg.ground_truth.enabled, stopped_because=self.stop_cause)
             self._finalized = True
             s = self.final.summary
             self.log.info("run finalised", extra={"run_dir": str(self.run_dir), "texts": s["texts"]["total"],

@@ -36,10 +36,12 @@ from services.core.bus import LOGICAL_TOPICS
 from services.core.events import (
     CandidateCluster,
     ClusterSnapshot,
+    ControlEvent,
     DeadLetter,
     DecodedText,
     EmbeddedText,
     Event,
+    GenerationReport,
     Hypothesis,
     TextRef,
     UncertaintyEvent,
@@ -52,6 +54,8 @@ log = logging.getLogger("autointerv.sink")
 E = TypeVar("E", bound=Event)
 
 LOG_FILES: Mapping[type[Event], str] = MappingProxyType({
+    GenerationReport: "generation_reports.jsonl",
+    ControlEvent: "control.jsonl",
     ClusterSnapshot: "snapshots.jsonl",
     UncertaintyEvent: "uncertainty.jsonl",
     CandidateCluster: "candidates.jsonl",
@@ -554,6 +558,8 @@ class RunState:
     hypotheses: dict[str, Hypothesis] = field(default_factory=dict)
     validations: list[Validation] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    finished: ControlEvent | None = None  # the controller's end-of-experiment announcement
+    generation_failures: int = 0  # prompts x samples the generators could not produce
     last_event_at: float | None = None
 
 
@@ -575,6 +581,10 @@ def load_state(run_dir: Path) -> RunState:
     st.hypotheses = {h.hypothesis_id: h for h in read_events(run_dir / LOG_FILES[Hypothesis], Hypothesis)}
     st.validations = list(read_events(run_dir / LOG_FILES[Validation], Validation))
     st.dead_letters = list(read_events(run_dir / LOG_FILES[DeadLetter], DeadLetter))
+    st.finished = next((c for c in read_events(run_dir / LOG_FILES[ControlEvent], ControlEvent)
+                        if c.kind == "finished"), None)
+    st.generation_failures = sum(len(r.failures) for r in read_events(run_dir / LOG_FILES[GenerationReport],
+                                                                        GenerationReport))
     times = [v.created_at for v in st.validations] + [h.created_at for h in st.hypotheses.values()]
     times += [c.created_at for c in st.candidates.values()]
     if st.latest_snapshot is not None:
@@ -782,7 +792,7 @@ def cluster_rows(snap: ClusterSnapshot | None) -> list[dict[str, Any]]:
 
 def _summary(experiment_id: str, state: RunState, texts: TextStats, emb: tuple[int, int],
              rows: list[dict[str, Any]], gt: dict[str, Any] | None, alpha: float,
-             topic_prefix: str | None) -> dict[str, Any]:
+             topic_prefix: str | None, stopped_because: str | None = None) -> dict[str, Any]:
     snap = state.latest_snapshot
     validated = [r for r in rows if r["decision"] == "validated"]
     decided = [r["decided_at"] for r in validated if r["decided_at"] is not None]
@@ -790,9 +800,16 @@ def _summary(experiment_id: str, state: RunState, texts: TextStats, emb: tuple[i
     stamps = [x for x in (state.last_event_at, texts.last_at) if x is not None]
     last = max(stamps) if stamps else None
     dl = Counter(_logical(d.source_topic, topic_prefix) for d in state.dead_letters)
+    fin = state.finished
     return {
         "experiment_id": experiment_id,
         "finalized_at": time.time(),
+        # why the run ended; "signal" (or another cause the process names) when the controller never
+        # announced the end: then the run is incomplete and the counts are partial
+        "stopped_because": fin.stopped_because if fin is not None else (stopped_because or "incomplete"),
+        "stop_reason": fin.detail if fin is not None else "",
+        "complete": fin is not None,
+        "generation": {**(fin.counts if fin is not None else {}), "failures_reported": state.generation_failures},
         "alpha": alpha,
         "texts": {"total": texts.total, "by_role": dict(texts.by_role), "by_model": dict(texts.by_model)},
         "embeddings": {"total": emb[0], "cache_hits": emb[1],
@@ -835,7 +852,7 @@ class FinalRun:
 
 def finalize_run(run_dir: Path, alpha: float, experiment_id: str | None = None,
                  topic_prefix: str | None = None, render: bool = True, majority: float = 0.5,
-                 ground_truth: bool = True) -> FinalRun:
+                 ground_truth: bool = True, stopped_because: str | None = None) -> FinalRun:
     """Write texts.parquet, clusters.*, results.jsonl, hypotheses.parquet, summary.json, report.html.
 
     Reads only the run directory (event logs and part files) and is safe to repeat."""
@@ -857,7 +874,7 @@ def finalize_run(run_dir: Path, alpha: float, experiment_id: str | None = None,
         for r in rows:
             r["matched_behaviour"] = gt["hypothesis_behaviour"].get(r["hypothesis_id"])
     summary = _summary(experiment_id, state, texts, scan_embeddings(run_dir / "embeddings.parquet"),
-                       rows, gt, alpha, topic_prefix)
+                       rows, gt, alpha, topic_prefix, stopped_because)
     snap = state.latest_snapshot
     write_json(run_dir / "clusters.json", snap.model_dump(mode="json") if snap else None)
     crows = cluster_rows(snap)

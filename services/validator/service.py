@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
-from aiokafka import ConsumerRecord
+from redis.asyncio import Redis
 
-from services.core.bus import ESCALATION_PREFIX
-from services.core.events import Event, Hypothesis, Validation, stable_id
+from services.core.events import DeadLetter, Event, Hypothesis, Validation, stable_id
 from services.core.runtime import Incoming, Service, ServiceContext
+from services.core.topics import escalation_topic
 from services.stats.auc import auc_test
 from services.stats.fdr import LordPlusPlus
 from services.validator.tiers import (
@@ -54,7 +54,7 @@ MIN_PER_SIDE = 5
 async def build_tier(cfg: Config, c: TierConfig, *, encoder: Callable[[], Awaitable[Encoder]],
                      cache: Callable[[], EmbeddingCache | None],
                      llm_client: Callable[[LLMConfig], LLMClient]) -> Tier:
-    """A tier of kind ``c.kind``; the service and the in-process harness differ only in where the
+    """A tier of kind ``c.kind``; callers differ only in where the
     encoder, the embedding cache and LLM clients come from."""
     if c.kind == "keyword":
         return KeywordTier(c)
@@ -74,12 +74,23 @@ async def build_tier(cfg: Config, c: TierConfig, *, encoder: Callable[[], Awaita
 class ValidatorService(Service):
     name: ClassVar[str] = "validator"
     consumes = (Hypothesis,)
+    produces = (Validation, Hypothesis)  # hypotheses only to the next tier's escalation topic
 
     def __init__(self, ctx: ServiceContext, tier_index: int = 0) -> None:
         self.tier_index = tier_index
         self.tier_cfg = ctx.cfg.validator.tiers[tier_index]
         super().__init__(ctx)
-        self.health.service = f"validator-{self.tier_cfg.name}"
+        self.redis: Redis | None = None
+        self.tier: Tier | None = None
+
+    @classmethod
+    def instances(cls, ctx: ServiceContext) -> list[Service]:
+        """One instance per cascade tier."""
+        return [cls(ctx, tier_index=i) for i in range(len(ctx.cfg.validator.tiers))]
+
+    @property
+    def display_name(self) -> str:
+        return f"validator:{self.tier_cfg.name}"
 
     @property
     def n_tiers(self) -> int:
@@ -92,12 +103,14 @@ class ValidatorService(Service):
     def group_id(self) -> str:
         return f"{super().group_id()}.{self.tier_cfg.name}"
 
-    def input_topics(self) -> list[str]:
-        if self.tier_index == 0:
-            return [self.ctx.topics.name(Hypothesis.topic)]
-        return [self.ctx.topics.name(ESCALATION_PREFIX + self.tier_cfg.name)]
+    def inputs(self) -> list[str]:
+        return [Hypothesis.topic if self.tier_index == 0 else escalation_topic(self.tier_cfg.name)]
 
-    def decode(self, record: ConsumerRecord) -> Event:
+    def outputs(self) -> list[str]:
+        nxt = [] if self.is_last else [escalation_topic(self.cfg.validator.tiers[self.tier_index + 1].name)]
+        return [Validation.topic, *nxt, DeadLetter.topic]
+
+    def decode(self, record: Any) -> Event:
         return Hypothesis.from_bytes(record.value)
 
     async def setup(self) -> None:
@@ -112,9 +125,9 @@ class ValidatorService(Service):
         self.m_cost = self.metrics.counter("validator_cost_usd_total", "Estimated spend", ["tier"])
 
     async def _make_tier(self) -> Tier:
-        from services.embedder.service import make_cache, make_encoder
+        from services.embedder.service import make_cache
 
-        return await build_tier(self.cfg, self.tier_cfg, encoder=lambda: make_encoder(self.cfg.embedder),
+        return await build_tier(self.cfg, self.tier_cfg, encoder=lambda: self.ctx.resources.encoder(self.cfg.embedder),
                                 cache=lambda: make_cache(self.cfg, self.redis), llm_client=self._llm_client)
 
     def _llm_client(self, llm: LLMConfig) -> LLMClient:
@@ -130,7 +143,7 @@ class ValidatorService(Service):
             await self.emit(v)
             if v.decision == "escalated":
                 nxt = self.cfg.validator.tiers[self.tier_index + 1].name
-                await self.emit(h, topic=ESCALATION_PREFIX + nxt)
+                await self.emit(h, topic=escalation_topic(nxt))
 
     async def _decide_once(self, h: Hypothesis) -> Validation:
         """Idempotent: a hypothesis decided before gets its stored decision back."""
@@ -222,9 +235,9 @@ class ValidatorService(Service):
                           calls=s.calls, cost_usd=s.cost_usd, effect=effect)
 
     async def teardown(self) -> None:
-        if getattr(self, "tier", None) is not None:
+        if self.tier is not None:
             await self.tier.aclose()
-        if getattr(self, "redis", None) is not None:
+        if self.redis is not None:
             await self.redis.aclose()
 
 

@@ -41,11 +41,14 @@ class Generated:
 
 
 class GenerationError(RuntimeError):
-    """A task that failed for good (after retries).  Counted and reported, never papered over."""
+    """A task that failed for good (after retries).  Counted and reported, never papered over.
+    ``exhausted``: the data behind a replay backend ran out (expected at the end of a file, not a
+    fault of the model)."""
 
-    def __init__(self, message: str, prompt_id: str | None = None) -> None:
+    def __init__(self, message: str, prompt_id: str | None = None, *, exhausted: bool = False) -> None:
         super().__init__(message)
         self.prompt_id = prompt_id
+        self.exhausted = exhausted
 
 
 class GenerationBackend(ABC):

@@ -82,6 +82,32 @@ def load_replay_prompts(path: str | Path) -> list[PromptRef]:
     return [PromptRef(prompt_id=replay_prompt_id(t), text=t) for t in dict.fromkeys(df["prompt"])]
 
 
+def replay_inventory(model_cfg: ModelConfig, role: str) -> dict[str, int]:
+    """Texts per prompt id that the replay backend of ``role`` can hand out (the controller plans
+    within it, so it never asks for more than the file holds)."""
+    if not model_cfg.path:
+        raise ValueError(f"models.{role}.path: the replay backend needs a CSV/JSONL/Parquet file")
+    df = read_replay_table(model_cfg.path)
+    mine = df[df["model"] == (model_cfg.replay_model_name or role)]
+    if "prompt" not in df.columns:
+        return {NO_PROMPT_ID: len(mine)}
+    counts: dict[str, int] = {}
+    for prompt in mine["prompt"]:
+        pid = replay_prompt_id(prompt)
+        counts[pid] = counts.get(pid, 0) + 1
+    return counts
+
+
+def pair_inventory(models: dict[str, ModelConfig]) -> dict[str, int] | None:
+    """Pairs available per prompt id: the smaller of the replayed roles' counts (a live role is
+    unbounded); None when no role is replayed."""
+    counts = [replay_inventory(cfg, role) for role, cfg in models.items() if cfg.backend == "replay"]
+    if not counts:
+        return None
+    prompts = set().union(*counts)
+    return {p: min(c.get(p, 0) for c in counts) for p in prompts}
+
+
 @dataclass
 class _Pool:
     rows: list[int]  # file lines, for traceability
@@ -132,7 +158,8 @@ class ReplayBackend(GenerationBackend):
         if not self.cycle and pool.cursor + task.n > total:
             raise GenerationError(f"{self.path}: replay texts of model {self.model_id!r} for prompt "
                                   f"{task.prompt_id} exhausted: asked for {task.n}, "
-                                  f"{total - pool.cursor} of {total} left", prompt_id=task.prompt_id)
+                                  f"{total - pool.cursor} of {total} left", prompt_id=task.prompt_id,
+                                  exhausted=True)
         out = []
         for i in range(task.n):
             k = pool.cursor + i
