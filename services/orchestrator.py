@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from rich.console import Console
@@ -157,8 +158,8 @@ async def run_pipeline_async(cfg: Config, ep: Endpoints, console: Console | None
                     live.update(_progress_table(controller, ctx.metrics, t0))
                 await asyncio.sleep(0.25)
     finally:
+        _tell_sink(services, cause)  # before the stop: the sink finalizes in its teardown
         await _stop_all(services, tasks)
-        _tell_sink(services, cause)
         await _finalize_all(services)
         await bus.close()
         if runner is not None:
@@ -221,50 +222,70 @@ class MemoryRun(RunOutcome):
     clock: VirtualClock | None = None
 
 
-async def run_memory_pipeline(cfg: Config, redis_url: str, *, until: Callable[[], bool] | None = None,
-                              observers: Sequence[Observer] = (), exclude: Iterable[str] = (),
-                              only: Iterable[str] | None = None, inputs: Sequence[Event] = (),
-                              replace: Mapping[str, type[Service]] | None = None,
-                              resources: Resources | None = None, max_idle_s: float = 600.0) -> MemoryRun:
+class MemoryPipeline:
     """The pipeline on the in-memory bus, in burst mode (see services.core.memory_bus):
     deterministic for a given config, seconds instead of minutes.  Redis is real.
 
-    ``observers`` see every published record in order; ``until`` ends the run early (benchmarks stop
-    once every planted behaviour is found); ``exclude`` leaves service kinds out (the sink, when a
-    statistics run needs no run directory) and ``only`` keeps just these kinds (a test of the
-    validator cascade); ``replace`` swaps service classes (see build_services); ``inputs`` are
-    published before the first step.  Without a controller the
-    run ends when nothing has moved for ``max_idle_s`` of virtual time."""
-    bus = MemoryBus(cfg.bus, Topics(cfg.bus.topic_prefix))
-    bus.observers.extend(observers)
-    clock = VirtualClock()
-    ctx = make_context(cfg, bus, redis_url, clock=clock, resources=resources)
-    kinds = set(only) if only is not None else None
-    services = {n: s for n, s in build_services(ctx, exclude=exclude, replace=replace).items()
-                if kinds is None or s.name in kinds}
-    await bus.ensure_topics(ctx.topics.name(t) for t in Topology.of(services.values()).topics())
-    t0 = time.perf_counter()
-    started: list[Service] = []
-    try:
-        for svc in services.values():  # start order: readers before writers
+    ``async with MemoryPipeline(cfg, redis_url) as p: await p.run(until)`` starts the services in
+    start order, and stops, drains and finalizes them in stop order on exit; ``run`` may be called
+    again (a fault test stops Redis between two calls).  ``observers`` see every published record
+    in order; ``exclude`` leaves service kinds out (the sink, when a statistics run needs no run
+    directory) and ``only`` keeps just these kinds (a test of the validator cascade); ``replace``
+    swaps service classes (see build_services); ``inputs`` are published before the first step."""
+
+    def __init__(self, cfg: Config, redis_url: str, *, observers: Sequence[Observer] = (),
+                 exclude: Iterable[str] = (), only: Iterable[str] | None = None, inputs: Sequence[Event] = (),
+                 replace: Mapping[str, type[Service]] | None = None, resources: Resources | None = None) -> None:
+        self.bus = MemoryBus(cfg.bus, Topics(cfg.bus.topic_prefix))
+        self.bus.observers.extend(observers)
+        self.clock = VirtualClock()
+        self.ctx = make_context(cfg, self.bus, redis_url, clock=self.clock, resources=resources)
+        kinds = set(only) if only is not None else None
+        self.services = {n: s for n, s in build_services(self.ctx, exclude=exclude, replace=replace).items()
+                         if kinds is None or s.name in kinds}
+        self.topology = Topology.of(self.services.values())
+        self.inputs = list(inputs)
+        self._started: list[Service] = []
+        self.t0 = time.perf_counter()
+
+    async def __aenter__(self) -> MemoryPipeline:
+        await self.bus.ensure_topics(self.ctx.topics.name(t) for t in self.topology.topics())
+        for svc in self.services.values():  # start order: readers before writers
             await svc.start()
-            started.append(svc)
-        feeder = bus.producer("autointerv/inputs")
-        for ev in inputs:
+            self._started.append(svc)
+        feeder = self.bus.producer("autointerv/inputs")
+        for ev in self.inputs:
             await feeder.send(ev)
-        order = [services[n] for n in Topology.of(services.values()).stop_order]
-        idle_limit = max_idle_s if "controller" in services else min(max_idle_s, 10.0)
-        reason = await bus.run_until_idle(order, clock, until=until, max_idle_s=idle_limit)
-    finally:
-        for svc in reversed(started):  # stop order
+        return self
+
+    async def run(self, until: Callable[[], bool] | None = None, max_idle_s: float = 600.0) -> str:
+        """Step every service until ``until()``, a service is finished, or nothing moves for
+        ``max_idle_s`` virtual seconds (10 without a controller)."""
+        order = [self.services[n] for n in self.topology.stop_order]
+        idle_limit = max_idle_s if "controller" in self.services else min(max_idle_s, 10.0)
+        return await self.bus.run_until_idle(order, self.clock, until=until, max_idle_s=idle_limit)
+
+    async def __aexit__(self, *exc: object) -> None:
+        for svc in reversed(self._started):  # stop order
             svc.stop()
             await svc.close()
-    await _finalize_all(services)
-    controller = services.get("controller")
-    progress = controller.progress() if controller is not None else {}
-    ok = reason.startswith("finished") or reason == "until" or (controller is None and reason.startswith("idle"))
-    return MemoryRun(_run_dir(services), ok, reason, time.perf_counter() - t0, progress, services, bus=bus,
-                     clock=clock)
+        await _finalize_all(self.services)
+
+    def outcome(self, reason: str) -> MemoryRun:
+        controller = self.services.get("controller")
+        progress = controller.progress() if controller is not None else {}
+        ok = reason.startswith("finished") or reason == "until" or (controller is None and reason.startswith("idle"))
+        return MemoryRun(_run_dir(self.services), ok, reason, time.perf_counter() - self.t0, progress,
+                         self.services, bus=self.bus, clock=self.clock)
+
+
+async def run_memory_pipeline(cfg: Config, redis_url: str, *, until: Callable[[], bool] | None = None,
+                              max_idle_s: float = 600.0, **kwargs: Any) -> MemoryRun:
+    """One whole run of :class:`MemoryPipeline` (keyword arguments as there)."""
+    pipeline = MemoryPipeline(cfg, redis_url, **kwargs)
+    async with pipeline:
+        reason = await pipeline.run(until, max_idle_s)
+    return pipeline.outcome(reason)
 
 
 # --------------------------------------------------------------------------- single service
@@ -293,6 +314,7 @@ async def run_single_async(cfg: Config, ep: Endpoints, name: str, tier: str | No
         svc: Service = factory(ctx, tier_index=names.index(tier) if tier else 0)  # type: ignore[call-arg]
     else:
         svc = factory(ctx)
+    svc.exit_when_finished = True  # a process started for this run ends with it (ControlEvent "finished")
     runner = None
     if cfg.observability.metrics_port is not None:
         runner = await start_http(ctx.metrics, lambda: [svc.health], cfg.observability.metrics_port)

@@ -31,7 +31,7 @@ def _cfg(unique: str, run_dir: Path, *, null: bool, seed: int, max_texts: int, a
         "embedder": {"backend": "hashing"},
         "clusterer": {"k_initial": 40, "k_max": 120, "warmup": 800, "split_min_size": 60,
                       "snapshot_every_s": 1.0, "seed": seed},
-        "controller": {"initial_texts": 2000, "round_texts": 1200, "max_texts": max_texts, "idle_finish_s": 10},
+        "controller": {"initial_texts": 2000, "round_texts": 1200, "max_texts": max_texts},
         "validator": {"alpha": alpha},
     })
 

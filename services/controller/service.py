@@ -99,6 +99,7 @@ class ControllerService(Service):
         self.st = ControllerState()
         self.policy: SamplingPolicy | None = None
         self.observed: set[str] = set()  # embeddings seen by this process (the contrast index's texts)
+        self.uncertainty_seen: set[str] = set()
         self.resumed = False
         self.dirty = False
         self.started = 0.0
@@ -170,7 +171,8 @@ class ControllerService(Service):
                     st.barrier_uncertainty = ev.n_uncertainty
                     st.lost = max(st.lost, st.expected - ev.n_arrived)
                     policy.observe_snapshot(ev)
-            elif isinstance(ev, UncertaintyEvent):
+            elif isinstance(ev, UncertaintyEvent) and ev.uncertainty_id not in self.uncertainty_seen:
+                self.uncertainty_seen.add(ev.uncertainty_id)  # a rewound batch comes again
                 st.uncertainty += 1
                 policy.observe_uncertainty(ev)
             elif isinstance(ev, CandidateCluster):
@@ -282,12 +284,15 @@ class ControllerService(Service):
         st.rounds.append({"round": st.round, "reason": reason, "texts": texts, "requests": 2 * len(plans),
                           "texts_planned": st.texts_planned, "at": self.clock.time()})
         self._enter("generating")
-        await self._save()
-        await self._emit_round()
         self.log.info("round planned", extra=st.rounds[-1])
+        await self._emit_round()
 
     async def _emit_round(self) -> None:
+        """Emit the current round's requests, but only once its plan is saved: a crash (or a Redis
+        error) before the save re-plans from the last saved state; one after it re-emits the same
+        requests.  Either way no round is paid for twice."""
         st = self.st
+        await self._save()
         plans = [plan_from_dict(p) for p in st.plans]
         for req in paired_requests(self.ctx.experiment_id, st.round, plans):
             await self.emit(req)

@@ -191,6 +191,9 @@ class Bus(ABC):
         """Where the bus is, in words (logged at start-up, printed by ``autointerv run``)."""
         return type(self).__name__
 
+    async def ping(self) -> None:
+        """Raise unless the bus answers now (the runtime's liveness probe)."""
+
     async def close(self) -> None:
         """Release connections held for lag queries."""
 
@@ -220,6 +223,12 @@ class KafkaBus(Bus):
     async def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
         async with self._probe_lock:
             return await asyncio.wait_for(self._probe.end_offsets(topics), self.cfg.request_timeout_s)
+
+    async def ping(self) -> None:
+        """A metadata request that must reach a broker (aiokafka answers many queries from its
+        cached metadata, so a dead broker can look alive to them)."""
+        async with self._probe_lock:
+            await asyncio.wait_for(self._probe.ping(), self.cfg.request_timeout_s)
 
     async def group_lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
         async with self._probe_lock:
@@ -253,8 +262,8 @@ def make_consumer(bus: BusConfig, bootstrap: str, topics: list[str], group_id: s
         isolation_level="read_committed" if bus.exactly_once else "read_uncommitted",
         session_timeout_ms=bus.session_timeout_ms, heartbeat_interval_ms=bus.heartbeat_interval_ms,
         rebalance_timeout_ms=bus.session_timeout_ms, max_poll_interval_ms=600_000,
-        fetch_max_wait_ms=bus.fetch_max_wait_ms, request_timeout_ms=int(bus.request_timeout_s * 1000),
-    )
+        fetch_max_wait_ms=bus.fetch_max_wait_ms,
+    )  # aiokafka's own request timeout (40 s) stays: a group join on Tansu takes session_timeout / 2
 
 
 @dataclass(frozen=True)
@@ -351,6 +360,10 @@ class LagProbe:
 
     async def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
         return await end_offsets(self.bootstrap, topics, probe=await self._open())
+
+    async def ping(self) -> None:
+        consumer = await self._open()
+        await consumer._client.fetch_all_metadata()  # raises KafkaConnectionError when no broker answers
 
     async def lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
         ends = await self.end_offsets(topics)

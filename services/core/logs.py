@@ -34,6 +34,31 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class RepeatFilter(logging.Filter):
+    """Lets a message template through at most once per ``every_s`` and says how many repeats it
+    held back.  Client libraries log every failed reconnect: with the broker gone, aiokafka alone
+    wrote 120 KB/s of the same three lines."""
+
+    def __init__(self, prefixes: tuple[str, ...], every_s: float = 10.0) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self.every_s = every_s
+        self._last: dict[tuple[str, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        key = (record.name, record.msg)
+        last, held = self._last.get(key, (float("-inf"), 0))
+        if record.created - last < self.every_s:
+            self._last[key] = (last, held + 1)
+            return False
+        self._last[key] = (record.created, 0)
+        if held:
+            record.repeats_suppressed = held
+        return True
+
+
 def setup_logging(level: str = "INFO", stream=None, file: str | None = None,
                   file_level: str = "INFO") -> None:
     """JSON logs to stderr at ``level`` and, optionally, to ``file`` at ``file_level``."""
@@ -54,8 +79,11 @@ def setup_logging(level: str = "INFO", stream=None, file: str | None = None,
     root.setLevel(logging.WARNING)
     levels = [logging.getLevelName(level)] + ([logging.getLevelName(file_level)] if file else [])
     logging.getLogger("autointerv").setLevel(min(levels))
-    for noisy in ("aiokafka", "kafka", "faust", "mode", "sentence_transformers", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    noisy = ("aiokafka", "kafka", "faust", "mode", "sentence_transformers", "transformers", "httpx")
+    for h in handlers:  # on the handlers (one each): a logger's own filters skip its children's records
+        h.addFilter(RepeatFilter(noisy))
+    for name in noisy:
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:  # transformers prints "Loading weights" progress bars on every model load
         from transformers.utils import logging as hf_logging
 

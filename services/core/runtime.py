@@ -44,7 +44,7 @@ from pydantic import ValidationError
 from services.core.bus import BROKER_ERRORS, Bus, Consumer, KafkaBus
 from services.core.clock import Clock, SystemClock
 from services.core.config import Config
-from services.core.events import DeadLetter, Envelope, Event
+from services.core.events import ControlEvent, DeadLetter, Envelope, Event
 from services.core.metrics import Health, Metrics
 from services.core.resources import Resources
 from services.core.topics import Topics
@@ -93,6 +93,24 @@ def header_experiment(headers: Sequence[tuple[str, bytes]] | None) -> str | None
     return None
 
 
+async def bounded(work: Any, timeout_s: float) -> bool:
+    """Await ``work`` for at most ``timeout_s``; True when it finished.  Unlike ``wait_for`` it does
+    not wait for a cancelled client call to unwind: aiokafka's ``stop()`` retries the dead
+    broker while cancelled, and shutdown must stay bounded (``bus.shutdown_timeout_s``)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception not retrieved"
+        return False
+    if task.cancelled():  # the client cancelled its own work (aiokafka does, on a dead broker)
+        return False
+    exc = task.exception()
+    if exc is not None:
+        raise exc
+    return True
+
+
 def group_name(prefix: str, experiment_id: str, service: str) -> str:
     """The consumer group of ``service`` (a name plus any suffix a subclass adds) in one experiment;
     the orchestrator and backpressure look groups up by this name."""
@@ -133,9 +151,12 @@ class ServiceContext:
 
 @dataclass
 class _Outage:
-    """An infrastructure failure in progress: when it started and when it was last logged."""
+    """An infrastructure failure in progress: when it started and when it was last logged.  Only a
+    success of the same piece of work (``source``) ends it: an idle poll that touched nothing
+    proves nothing about a broker that stopped answering the lag probe."""
 
     kind: str  # "broker" or "cache"
+    source: str  # "poll", "tick" or "probe"
     since: float
     failures: int = 0
     last_logged: float = float("-inf")
@@ -174,6 +195,11 @@ class Service(ABC):
         self._outage: _Outage | None = None
         self._lost: str | None = None
         self._started = False
+        # the controller's end-of-experiment announcement, once seen; with exit_when_finished (a
+        # process started for one service of one run) the service stops once it has also caught up
+        # with its inputs, since everything upstream was produced before the announcement
+        self.experiment_finished: ControlEvent | None = None
+        self.exit_when_finished = False
 
     @classmethod
     def instances(cls, ctx: ServiceContext) -> list[Service]:
@@ -192,8 +218,10 @@ class Service(ABC):
         return f"autointerv/{self.display_name}/{inst}"
 
     def inputs(self) -> list[str]:
-        """Logical topics this instance reads."""
-        return [e.topic for e in self.consumes]
+        """Logical topics this instance reads: what it consumes, plus the control topic (every
+        service learns that its experiment finished; see :meth:`finished`)."""
+        topics = [e.topic for e in self.consumes]
+        return topics if not topics or ControlEvent.topic in topics else [*topics, ControlEvent.topic]
 
     def outputs(self) -> list[str]:
         """Logical topics this instance writes (every service may dead-letter)."""
@@ -209,7 +237,7 @@ class Service(ABC):
     def decode(self, record: Any) -> Event:
         """Decode a record of one of the consumed topics (override for custom topics)."""
         logical = self.ctx.topics.logical(record.topic)
-        for etype in self.consumes:
+        for etype in (*self.consumes, ControlEvent):
             if etype.topic == logical:
                 return etype.from_bytes(record.value)
         raise DeadLetterError(f"no decoder for topic {record.topic}")
@@ -328,18 +356,24 @@ class Service(ABC):
         self.health.last_poll = time.time()
         handled = 0
         if self._consumer is not None:
-            handled = await self._guarded(self._poll_once(self.cfg.bus.poll_timeout_ms if wait else 0), wait) or 0
+            handled = await self._guarded(self._poll_once(self.cfg.bus.poll_timeout_ms if wait else 0), wait,
+                                          "poll") or 0
         elif wait:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.cfg.bus.poll_timeout_ms / 1000)
         now = self.clock.monotonic()
         if now - self._last_tick >= self.tick_interval_s:
             self._last_tick = now
-            await self._guarded(self._tick_and_flush(), wait)
+            await self._guarded(self._tick_and_flush(), wait, "tick")
         if wait and self._consumer is not None and now - self._last_lag >= 5.0 and (
                 self._lag_task is None or self._lag_task.done()):
             self._last_lag = now  # in the background: a slow lag query must never stall consumption
             self._lag_task = asyncio.create_task(self._update_lag())
+        if self.exit_when_finished and self.experiment_finished is not None and handled == 0 \
+                and await self._caught_up():
+            self.log.info("experiment finished and every input consumed; stopping",
+                          extra={"stopped_because": self.experiment_finished.stopped_because})
+            self.stop()
         return handled
 
     async def close(self) -> None:
@@ -351,25 +385,36 @@ class Service(ABC):
             return
         limit = self.cfg.bus.shutdown_timeout_s
         try:
-            await asyncio.wait_for(self._drain_and_commit(), limit)
-        except TimeoutError:
-            self.log.warning("drain did not finish in time; uncommitted work will be re-delivered",
-                             extra={"limit_s": limit})
+            if not await bounded(self._drain_and_commit(), limit):
+                self.log.warning("drain did not finish in time; uncommitted work will be re-delivered",
+                                 extra={"limit_s": limit})
         except Exception:
             self.log.exception("drain failed; uncommitted work will be re-delivered")
         if self._lag_task is not None:
             self._lag_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._lag_task
+            await bounded(asyncio.wait({self._lag_task}), 1.0)
         if self._consumer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._consumer.stop(), min(limit, 5.0))
+                await bounded(self._consumer.stop(), min(limit, 5.0))
         try:
             await self.teardown()
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.producer.stop(), min(limit, 5.0))
+                await bounded(self.producer.stop(), min(limit, 5.0))
             self._started = False
+
+    async def _caught_up(self) -> bool:
+        """True when this instance has read everything on its input partitions."""
+        if self._consumer is None:
+            return True
+        try:
+            ends = await self.bus.end_offsets(self.input_topics())
+            for tp in self._consumer.assignment():
+                if await self._consumer.position(tp) < ends.get(tp, 0):
+                    return False
+        except Exception:
+            return False
+        return True
 
     async def _tick_and_flush(self) -> None:
         await self.tick()
@@ -407,28 +452,32 @@ class Service(ABC):
             if tp in assigned:
                 self._consumer.seek(tp, offset)
 
-    async def _guarded(self, work: Any, wait: bool) -> Any:
+    async def _guarded(self, work: Any, wait: bool, source: str) -> Any:
         """Run one piece of the loop; infrastructure failures are retried, logged at a bounded rate,
         and turned into InfrastructureLost once they outlast their limit."""
         try:
             result = await work
         except (*INFRASTRUCTURE_ERRORS, TimeoutError) as exc:
-            self._note_outage(exc)
+            self._note_outage(exc, source)
             if wait:
                 await self.clock.sleep(min(5.0, 0.2 * 2 ** min(self._outage.failures, 5)) if self._outage else 0.2)
             return None
-        if self._outage is not None:
-            self.log.warning("infrastructure answers again", extra={
-                "kind": self._outage.kind, "after_s": round(self.clock.monotonic() - self._outage.since, 1),
-                "failures": self._outage.failures})
-            self._outage = None
+        if source != "poll" or result:  # an empty poll touched nothing
+            self._recovered(source)
         return result
 
-    def _note_outage(self, exc: BaseException) -> None:
+    def _recovered(self, source: str) -> None:
+        out = self._outage
+        if out is not None and out.source == source:
+            self.log.warning("infrastructure answers again", extra={
+                "kind": out.kind, "after_s": round(self.clock.monotonic() - out.since, 1), "failures": out.failures})
+            self._outage = None
+
+    def _note_outage(self, exc: BaseException, source: str) -> None:
         kind = "cache" if isinstance(exc, REDIS_ERRORS) else "broker"
         now = self.clock.monotonic()
         if self._outage is None or self._outage.kind != kind:
-            self._outage = _Outage(kind, now)
+            self._outage = _Outage(kind, source, now)
         out = self._outage
         out.failures += 1
         self.metrics.errors.labels(self.name, f"{kind}_unavailable").inc()
@@ -466,6 +515,11 @@ class Service(ABC):
                 continue
             if self.only_own_experiment and event.experiment_id != self.ctx.experiment_id:
                 continue
+            if isinstance(event, ControlEvent):
+                if event.kind == "finished":
+                    self.experiment_finished = event
+                if ControlEvent not in self.consumes:
+                    continue  # the runtime's own business
             out.append(Incoming(event, rec))
         return out
 
@@ -504,14 +558,16 @@ class Service(ABC):
         """Lag = true end offset minus position, per topic (see bus.end_offsets for why a probe).
         A failing query counts towards a broker outage: an idle service finds out this way."""
         consumer = self._consumer
-        if consumer is None or not consumer.assignment():
+        if consumer is None:
             return
-        try:
+        try:  # also the liveness probe: a consumer whose coordinator died has no assignment to show it
+            await self.bus.ping()
             ends = await self.bus.end_offsets(self.input_topics())
         except Exception as exc:
             with contextlib.suppress(InfrastructureLost):
-                self._note_outage(BROKER_ERRORS[0](f"lag query failed: {exc!r}"))
+                self._note_outage(BROKER_ERRORS[0](f"lag query failed: {exc!r}"), "probe")
             return
+        self._recovered("probe")
         total = 0
         per_topic: dict[str, int] = {}
         for tp in consumer.assignment():

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 from redis.asyncio import Redis
 
-from services.core.events import DeadLetter, Event, Hypothesis, Validation, stable_id
+from services.core.events import ControlEvent, DeadLetter, Event, Hypothesis, Validation, stable_id
 from services.core.runtime import Incoming, Service, ServiceContext
 from services.core.topics import escalation_topic
 from services.stats.auc import auc_test
@@ -104,13 +104,16 @@ class ValidatorService(Service):
         return f"{super().group_id()}.{self.tier_cfg.name}"
 
     def inputs(self) -> list[str]:
-        return [Hypothesis.topic if self.tier_index == 0 else escalation_topic(self.tier_cfg.name)]
+        return [Hypothesis.topic if self.tier_index == 0 else escalation_topic(self.tier_cfg.name), ControlEvent.topic]
 
     def outputs(self) -> list[str]:
         nxt = [] if self.is_last else [escalation_topic(self.cfg.validator.tiers[self.tier_index + 1].name)]
         return [Validation.topic, *nxt, DeadLetter.topic]
 
     def decode(self, record: Any) -> Event:
+        """Hypotheses on the tier's input topic (``hypotheses`` or its escalation topic)."""
+        if self.ctx.topics.logical(record.topic) == ControlEvent.topic:
+            return ControlEvent.from_bytes(record.value)
         return Hypothesis.from_bytes(record.value)
 
     async def setup(self) -> None:
