@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 
-from services.core.config import Config, ConfigError, load_config, set_path
+from services.core.config import Config, ConfigError, load_config, parse_value, set_path
 
 DEFAULT_CONFIG = "examples/demo.yaml"
 
@@ -24,7 +23,7 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key.path=value, got {pair!r}")
-        set_path(tree, key.split("."), yaml.safe_load(raw))
+        set_path(tree, key.split("."), parse_value(raw, f"--set {key}"))
     return tree
 
 
