@@ -34,8 +34,16 @@ from typing import TypeVar
 import numpy as np
 
 from services.controller.contrast import ContrastIndex, ContrastView
-from services.core.config import ControllerConfig
-from services.core.events import ClusterSnapshot, Exemplar, GenerationRequest, PromptRef, UncertaintyEvent, stable_id
+from services.core.config import ControllerConfig, ExperimentConfig
+from services.core.events import (
+    ClusterSnapshot,
+    Decoding,
+    Exemplar,
+    GenerationRequest,
+    PromptRef,
+    UncertaintyEvent,
+    stable_id,
+)
 
 K = TypeVar("K")
 
@@ -55,12 +63,22 @@ class Plan:
         return (len(self.prompts) + len(self.exemplars)) * self.n_per_prompt
 
 
-def paired_requests(experiment_id: str, rnd: int, plans: list[Plan]) -> list[GenerationRequest]:
-    """Each plan as two requests, one per model, with the same prompts and a shared pair id."""
+def rerun_seed_key(experiment: ExperimentConfig) -> str:
+    """Generation seeds derive from the experiment's seed and *name*, never its timestamped id."""
+    return stable_id(experiment.seed, experiment.name)
+
+
+def paired_requests(experiment_id: str, rnd: int, plans: list[Plan], seed_key: str = "") -> list[GenerationRequest]:
+    """Each plan as two requests, one per model, with the same prompts and a shared pair id.
+
+    Ids include the (timestamped) experiment id, so experiments never share one; the sampling seed
+    comes from ``seed_key`` (experiment seed and name) instead, so a rerun of the same config
+    samples the same texts and finds their embeddings in the cache."""
     return [GenerationRequest(
         experiment_id=experiment_id, request_id=stable_id(experiment_id, rnd, i, role),
         pair_id=stable_id(experiment_id, rnd, i), role=role, reason=plan.reason, round=rnd,  # type: ignore[arg-type]
-        prompts=plan.prompts, exemplars=plan.exemplars, n_per_prompt=plan.n_per_prompt, note=plan.note)
+        prompts=plan.prompts, exemplars=plan.exemplars, n_per_prompt=plan.n_per_prompt, note=plan.note,
+        decoding=Decoding(seed=int(stable_id(seed_key, rnd, i, role)[:8], 16)) if seed_key else Decoding())
         for i, plan in enumerate(plans) for role in ("base", "intervention")]
 
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import orjson
 
-from services.controller.policy import Plan, SamplingPolicy, paired_requests
+from services.controller.policy import Plan, SamplingPolicy, paired_requests, rerun_seed_key
 from services.core.events import (
     CandidateCluster,
     ClusterSnapshot,
@@ -26,6 +26,7 @@ from services.core.events import (
     Validation,
 )
 from services.core.runtime import Incoming, Service
+from services.core.state import expire_state
 from services.generator.prompts import load_prompts
 
 ROUND_READY_FRACTION = 0.9  # share of planned texts clustered before the next round is planned
@@ -109,7 +110,7 @@ class ControllerService(Service):
 
     async def _send(self, plans: list[Plan], reason: str) -> None:
         rnd = self.policy.round
-        for req in paired_requests(self.ctx.experiment_id, rnd, plans):
+        for req in paired_requests(self.ctx.experiment_id, rnd, plans, rerun_seed_key(self.cfg.experiment)):
             await self.emit(req)
         texts = sum(2 * p.texts_per_role for p in plans)
         self.rounds.append({"round": rnd, "reason": reason, "texts": texts, "requests": 2 * len(plans),
@@ -136,6 +137,7 @@ class ControllerService(Service):
             "round": self.policy.round, "texts_planned": self.policy.texts_planned,
             "generation_done": self.generation_done, "stop_reason": self.stop_reason, "rounds": self.rounds,
         }))
+        await expire_state(self.redis, self.cfg, self.k_state)
 
     def finished(self) -> bool:
         """True once generation stopped and everything downstream has settled."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from services.core.config import BusConfig
+from services.core.config import BusConfig, ConfigError
 from services.core.events import EVENT_TYPES, Envelope, Event
 
 log = logging.getLogger("autointerv.bus")
@@ -57,6 +58,27 @@ async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int, r
             log.info("created topics", extra={"topics": missing})
     finally:
         await admin.close()
+
+
+def client_security_kwargs(bus: BusConfig, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """aiokafka keyword arguments for ``bus.security_protocol`` (SASL and/or TLS on a real Kafka);
+    empty for PLAINTEXT.  Every producer, consumer and admin client takes them.  The SASL password
+    is read from the environment variable ``bus.sasl_password_env`` names, never from the config."""
+    if bus.security_protocol == "PLAINTEXT":
+        return {}
+    kwargs: dict[str, Any] = {"security_protocol": bus.security_protocol}
+    if bus.security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        kwargs["ssl_context"] = create_ssl_context(cafile=bus.ssl_cafile)
+    if bus.security_protocol.startswith("SASL_"):
+        env = os.environ if environ is None else environ
+        name = bus.sasl_password_env or ""
+        if not env.get(name):
+            raise ConfigError(f"bus.sasl_password_env: environment variable {name!r} is not set")
+        kwargs.update(sasl_mechanism=bus.sasl_mechanism, sasl_plain_username=bus.sasl_username,
+                      sasl_plain_password=env[name])
+    return kwargs
 
 
 class Producer:

@@ -478,9 +478,12 @@ def load_config(path: str | os.PathLike[str] | None = None,
         raise ConfigError(format_validation_error(exc)) from None
 
 
+URL_PASSWORD = re.compile(r'(://[^/@:\s"]*:)[^/@\s"]+@')  # the password of scheme://user:password@host
+
+
 def mask_url(url: str | None) -> str | None:
     """``redis://user:secret@host`` -> ``redis://user:***@host``: a URL's password is a secret."""
-    return None if url is None else re.sub(r"(://[^/@:\s]*:)[^/@\s]+@", r"\1***@", url)
+    return None if url is None else URL_PASSWORD.sub(r"\1***@", url)
 
 
 def dump_config(cfg: Config) -> str:

@@ -30,6 +30,7 @@ from aiokafka import ConsumerRecord
 from services.core.bus import ESCALATION_PREFIX
 from services.core.events import Event, Hypothesis, Validation, stable_id
 from services.core.runtime import Incoming, Service, ServiceContext
+from services.core.state import expire_state
 from services.stats.auc import auc_test
 from services.stats.fdr import LordPlusPlus
 from services.validator.tiers import (
@@ -127,6 +128,7 @@ class ValidatorService(Service):
             h = item.event
             assert isinstance(h, Hypothesis)
             v = await self._decide_once(h)
+            await expire_state(self.redis, self.cfg, self.k_lord, self.k_decided)
             await self.emit(v)
             if v.decision == "escalated":
                 nxt = self.cfg.validator.tiers[self.tier_index + 1].name
