@@ -6,7 +6,8 @@ for its whole length.  :class:`PlainProgress` turns the same numbers the live ta
 every ``interval_s``: share of the generation budget, texts per second over the last minute, an
 ETA, and what has been clustered and validated so far::
 
-    [  95s] 47% of budget (2,800/6,000 texts) | 31.5 texts/s | ETA 1m42s | round 6 | clustered 2,650 | validated 3
+    [   95s] 47% of budget (2,800/6,000 texts) | 31.5 texts/s | ETA 1m42s | round 6 | embedded 2,790
+    | clustered 2,650 | hypotheses 5 | validated 3          (one line; wrapped here)
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class PlainProgress:
         else:
             eta = "ETA -"
         speed = "- texts/s" if rate is None else f"{rate:.1f} texts/s"
-        parts = [f"[{_duration(now - self.started):>6}] {share:4.0%} of budget "
+        parts = [f"[{_duration(now - self.started):>6}] {share:.0%} of budget "
                  f"({snap.generated:,}/{self.budget:,} texts)", speed, eta, f"round {snap.round}",
                  f"embedded {snap.embedded:,}", f"clustered {snap.clustered:,}",
                  f"hypotheses {snap.hypotheses}", f"validated {snap.validated}"]
