@@ -19,6 +19,7 @@ import httpx
 import redis.asyncio as aioredis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
 
 from services.cli import main
 from services.core.bus import client_security_kwargs, ensure_topics
@@ -203,3 +204,39 @@ def test_sasl_ssl_kwargs_are_what_aiokafka_takes():
         assert "KAFKA_PW_TEST" in str(exc) and "hunter2" not in str(exc)
     else:
         raise AssertionError("a missing password must be a ConfigError")
+
+
+def test_top_scrapes_every_registered_endpoint_of_an_experiment(redis_url, unique, monkeypatch, capsys):
+    cfg = _cfg(unique, free_port())
+
+    async def serve_and_top() -> None:
+        metrics = [Metrics(), Metrics()]
+        metrics[0].processed.labels("embedder", "texts").inc(5)
+        metrics[1].processed.labels("clusterer", "embeddings").inc(7)
+        served = [await serve_endpoints(cfg, redis_url, m, lambda: [], f"proc{i}") for i, m in enumerate(metrics)]
+        try:
+            code = await asyncio.to_thread(main, ["top", "--experiment", cfg.experiment_id, "--once", "--refresh",
+                                                  "0.05", "--set", f"cache.namespace={cfg.cache.namespace}"])
+            assert code == 0
+        finally:
+            for s in served:
+                await s.close()
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("COLUMNS", "160")
+    asyncio.run(serve_and_top())
+    out = capsys.readouterr().out
+    assert "2 endpoints" in out and "embedder" in out and "clusterer" in out
+
+
+def test_run_prints_where_to_attach_with_the_password_masked():
+    from services.cli import print_attach
+
+    cfg = load_config(None, environ={"KAFKA_BOOTSTRAP": "127.0.0.1:41025",
+                                     "REDIS_URL": "redis://autointerv:pw-very-secret@127.0.0.1:36115/0"},
+                      overrides={"experiment": {"id": "demo-1"}})
+    console = Console(record=True, width=200, color_system=None)
+    print_attach(console, cfg, embedded_cache=True)
+    text = console.export_text()
+    assert "127.0.0.1:41025" in text and "redis://autointerv:***@127.0.0.1:36115/0" in text
+    assert "demo-1" in text and "pw-very-secret" not in text and "valkey/password" in text

@@ -35,15 +35,7 @@ import numpy as np
 
 from services.controller.contrast import ContrastIndex, ContrastView
 from services.core.config import ControllerConfig, ExperimentConfig
-from services.core.events import (
-    ClusterSnapshot,
-    Decoding,
-    Exemplar,
-    GenerationRequest,
-    PromptRef,
-    UncertaintyEvent,
-    stable_id,
-)
+from services.core.events import ClusterSnapshot, Exemplar, GenerationRequest, PromptRef, UncertaintyEvent, stable_id
 
 K = TypeVar("K")
 
@@ -78,7 +70,7 @@ def paired_requests(experiment_id: str, rnd: int, plans: list[Plan], seed_key: s
         experiment_id=experiment_id, request_id=stable_id(experiment_id, rnd, i, role),
         pair_id=stable_id(experiment_id, rnd, i), role=role, reason=plan.reason, round=rnd,  # type: ignore[arg-type]
         prompts=plan.prompts, exemplars=plan.exemplars, n_per_prompt=plan.n_per_prompt, note=plan.note,
-        decoding=Decoding(seed=int(stable_id(seed_key, rnd, i, role)[:8], 16)) if seed_key else Decoding())
+        decoding={"seed": int(stable_id(seed_key, rnd, i, role)[:8], 16) if seed_key else None})  # type: ignore[arg-type]
         for i, plan in enumerate(plans) for role in ("base", "intervention")]
 
 
