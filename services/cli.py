@@ -6,9 +6,12 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from services.core.infra import Endpoints
 
 from services.core.config import Config, ConfigError, ModelConfig, load_config, mask_url, parse_value, set_path
 
@@ -53,7 +56,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from services.core.checks import warn_about_redis
     from services.core.infra import infrastructure
     from services.core.logs import setup_logging
-    from services.orchestrator import run_pipeline
+    from services.orchestrator import run_pipeline_async
     from services.sink.table import load_results, render_table
 
     cfg = _load(args)
@@ -65,12 +68,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     console.print(f"config: {_config_path(args) or '(defaults)'}", style="dim", highlight=False)
     external_cache = cfg.cache.url is not None
     with infrastructure(cfg.bus.bootstrap, cfg.cache.url, Path(cfg.experiment.data_dir)) as ep:
-        cfg.bus.bootstrap, cfg.cache.url = ep.bootstrap, ep.redis_url  # the pipeline reuses these servers
-        print_attach(console, cfg, ep.embedded_cache)
+        print_attach(console, cfg, ep)
         if external_cache:
             for problem in asyncio.run(warn_about_redis(ep.redis_url)):
                 console.print(f"[yellow]warning:[/] {problem}", highlight=False)
-        outcome = run_pipeline(cfg, console)
+        outcome = asyncio.run(run_pipeline_async(cfg, ep, console))  # on the servers just printed
     results = load_results(outcome.run_dir)
     render_table(results.to_dict("records") if len(results) else [], console)
     console.print(f"\n{outcome.reason} in {outcome.wall_s:.0f}s — run directory: [cyan]{outcome.run_dir}[/]"
@@ -78,13 +80,14 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0 if outcome.finished else 1
 
 
-def print_attach(console: Console, cfg: Config, embedded_cache: bool) -> None:
+def print_attach(console: Console, cfg: Config, ep: Endpoints) -> None:
     """Where this run's servers are, so ``status``, ``top``, ``tail`` and plug-ins can attach."""
     exp = cfg.experiment_id
-    console.print(f"broker [cyan]{cfg.bus.bootstrap}[/]  cache [cyan]{mask_url(cfg.cache.url)}[/]  "
+    console.print(f"broker [cyan]{ep.bootstrap}[/]  cache [cyan]{mask_url(ep.redis_url)}[/]  "
                   f"experiment [cyan]{exp}[/]", highlight=False)
-    secret = (f" (password in {Path(cfg.experiment.data_dir) / 'valkey' / 'password'})" if embedded_cache else "")
-    console.print(f"[dim]attach: export KAFKA_BOOTSTRAP={cfg.bus.bootstrap} REDIS_URL=<the cache URL{secret}>; "
+    secret = (f" (password in {Path(cfg.experiment.data_dir) / 'valkey' / 'password'})" if ep.embedded_cache
+              else "")
+    console.print(f"[dim]attach: export KAFKA_BOOTSTRAP={ep.bootstrap} REDIS_URL=<the cache URL{secret}>; "
                   f"then autointerv status|top|tail TOPIC --experiment {exp}, or "
                   f"autointerv service NAME --set experiment.id={exp}[/]", highlight=False)
 

@@ -231,12 +231,12 @@ def test_top_scrapes_every_registered_endpoint_of_an_experiment(redis_url, uniqu
 
 def test_run_prints_where_to_attach_with_the_password_masked():
     from services.cli import print_attach
+    from services.core.infra import Endpoints
 
-    cfg = load_config(None, environ={"KAFKA_BOOTSTRAP": "127.0.0.1:41025",
-                                     "REDIS_URL": "redis://autointerv:pw-very-secret@127.0.0.1:36115/0"},
-                      overrides={"experiment": {"id": "demo-1"}})
+    cfg = load_config(None, environ={}, overrides={"experiment": {"id": "demo-1"}})
+    ep = Endpoints("127.0.0.1:41025", "redis://autointerv:pw-very-secret@127.0.0.1:36115/0", True, True)
     console = Console(record=True, width=200, color_system=None)
-    print_attach(console, cfg, embedded_cache=True)
+    print_attach(console, cfg, ep)
     text = console.export_text()
     assert "127.0.0.1:41025" in text and "redis://autointerv:***@127.0.0.1:36115/0" in text
     assert "demo-1" in text and "pw-very-secret" not in text and "valkey/password" in text
