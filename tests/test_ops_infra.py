@@ -167,3 +167,11 @@ async def test_eviction_check_reads_real_servers(tmp_path):
 
 def test_unreachable_redis_is_not_a_start_up_failure():
     assert asyncio.run(warn_about_redis("redis://127.0.0.1:1/0")) == []
+
+
+def test_a_relative_data_dir_works(tmp_path, monkeypatch):
+    """`.data` is the default data dir, relative to where `autointerv run` is started."""
+    monkeypatch.chdir(tmp_path)
+    with EmbeddedCache(Path(".data") / "valkey") as cache:
+        client = redis.Redis.from_url(cache.url)
+        assert client.set("k", "v") and client.get("k") == b"v"

@@ -147,7 +147,7 @@ class EmbeddedCache:
         acl = _write_acl(self.data_dir, self._password)
         self._server = ValkeyServer(port=self.port, data_dir=self.data_dir, persist=True,
                                     appendonly="yes", appendfsync="everysec",
-                                    config={"maxmemory-policy": "volatile-lru", "aclfile": str(acl)})
+                                    config={"maxmemory-policy": "volatile-lru", "aclfile": str(acl.resolve())})
         self._server.start()
         log.info("embedded cache started", extra={"url": self.masked_url, "dir": str(self.data_dir)})
         return self
