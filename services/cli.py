@@ -193,7 +193,7 @@ def cmd_schemas(args: argparse.Namespace, console: Console) -> int:
 def cmd_config(args: argparse.Namespace, console: Console) -> int:
     from services.core.config import dump_config
 
-    console.print(dump_config(_load(args)), markup=False, highlight=False)
+    console.print(dump_config(_load(args), mask_secrets=True), markup=False, highlight=False)
     return 0
 
 

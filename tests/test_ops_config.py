@@ -74,8 +74,9 @@ def test_sasl_needs_its_credentials_named():
 
 def test_cache_url_password_is_masked_in_the_dumped_config():
     cfg = load_config(None, environ={"REDIS_URL": "redis://autointerv:s3cr3t-pw@127.0.0.1:7000/0"})
-    dumped = dump_config(cfg)
+    dumped = dump_config(cfg, mask_secrets=True)
     assert "s3cr3t-pw" not in dumped and "redis://autointerv:***@127.0.0.1:7000/0" in dumped
+    assert "s3cr3t-pw" in dump_config(cfg)  # the faithful dump (configs handed to subprocesses) connects
     assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert mask_url("rediss://:pw@h:1/0") == "rediss://:***@h:1/0"
 
@@ -88,3 +89,10 @@ def test_report_of_a_missing_run_is_a_message_not_a_traceback(tmp_path):
     assert cmd_report(args, console) == 1
     text = console.export_text()
     assert "no finished run" in text and "Traceback" not in text
+
+
+def test_config_command_masks_the_cache_password(monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", "redis://autointerv:s3cr3t-pw@127.0.0.1:7000/0")
+    assert main(["config", "-c", str(ROOT / "examples/demo.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "s3cr3t-pw" not in out and "autointerv:***@127.0.0.1:7000" in out

@@ -486,8 +486,10 @@ def mask_url(url: str | None) -> str | None:
     return None if url is None else URL_PASSWORD.sub(r"\1***@", url)
 
 
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML, with URL passwords masked (it is printed and saved in run dirs)."""
+def dump_config(cfg: Config, mask_secrets: bool = False) -> str:
+    """The resolved config as YAML; ``mask_secrets`` for copies people read (``autointerv config``,
+    a run directory's config.yaml): the cache URL's password is masked, so that copy cannot connect."""
     data = cfg.model_dump(mode="json")
-    data["cache"]["url"] = mask_url(data["cache"]["url"])
+    if mask_secrets:
+        data["cache"]["url"] = mask_url(data["cache"]["url"])
     return yaml.safe_dump(data, sort_keys=False)
