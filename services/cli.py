@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
 from rich.console import Console
 
-from services.core.config import Config, ConfigError, load_config, set_path
+if TYPE_CHECKING:
+    from services.core.infra import Endpoints
 
-DEFAULT_CONFIG = "examples/demo.yaml"
+from services.core.config import Config, ConfigError, ModelConfig, load_config, mask_url, parse_value, set_path
+
+DEFAULT_CONFIG = "examples/demo.yaml"  # of the working directory, else the packaged copy
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -24,34 +25,71 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key.path=value, got {pair!r}")
-        set_path(tree, key.split("."), yaml.safe_load(raw))
+        set_path(tree, key.split("."), parse_value(raw, f"--set {key}"))
     return tree
 
 
+def _config_path(args: argparse.Namespace) -> str | None:
+    if args.config is not None:
+        return str(args.config)
+    from services.core.bundled import default_config_path
+
+    found = default_config_path()
+    return str(found) if found else None
+
+
 def _load(args: argparse.Namespace) -> Config:
-    path = args.config
-    if path is None and Path(DEFAULT_CONFIG).is_file():
-        path = DEFAULT_CONFIG
-    return load_config(path, overrides=_overrides(args.set or []))
+    return load_config(_config_path(args), overrides=_overrides(args.set or []))
+
+
+def model_label(m: ModelConfig) -> str:
+    """What a role runs, for the run header: ``sim``, ``replay:<file> [<model name>]``, ``vllm:<model>``."""
+    if m.backend == "sim":
+        return "sim (identical to base)" if m.sim.identical else "sim"
+    if m.backend == "replay":
+        name = f" [{m.replay_model_name}]" if m.replay_model_name else ""
+        return f"replay:{m.path or m.model or '?'}{name}"
+    return f"{m.backend}:{m.model or '?'}"
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from services.core.checks import warn_about_redis
+    from services.core.infra import infrastructure
     from services.core.logs import setup_logging
-    from services.orchestrator import run_pipeline
+    from services.orchestrator import run_pipeline_async
     from services.sink.table import load_results, render_table
 
     cfg = _load(args)
     log_file = Path(cfg.experiment.run_dir) / cfg.experiment_id / "autointerv.log"
     setup_logging(args.log_level, file=str(log_file))
     console.print(f"[bold]autointerv[/] experiment [cyan]{cfg.experiment_id}[/] — "
-                  f"base={cfg.models.base.backend}:{cfg.models.base.model or 'sim'} "
-                  f"intervention={cfg.models.intervention.backend}:{cfg.models.intervention.model or 'sim'}")
-    outcome = run_pipeline(cfg, console)
+                  f"base={model_label(cfg.models.base)} intervention={model_label(cfg.models.intervention)}",
+                  highlight=False)
+    console.print(f"config: {_config_path(args) or '(defaults)'}", style="dim", highlight=False)
+    external_cache = cfg.cache.url is not None
+    with infrastructure(cfg.bus.bootstrap, cfg.cache.url, Path(cfg.experiment.data_dir)) as ep:
+        print_attach(console, cfg, ep)
+        if external_cache:
+            for problem in asyncio.run(warn_about_redis(ep.redis_url)):
+                console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+        outcome = asyncio.run(run_pipeline_async(cfg, ep, console))  # on the servers just printed
     results = load_results(outcome.run_dir)
     render_table(results.to_dict("records") if len(results) else [], console)
     console.print(f"\n{outcome.reason} in {outcome.wall_s:.0f}s — run directory: [cyan]{outcome.run_dir}[/]"
                   f" (report: {outcome.run_dir / 'report.html'})")
     return 0 if outcome.finished else 1
+
+
+def print_attach(console: Console, cfg: Config, ep: Endpoints) -> None:
+    """Where this run's servers are, so ``status``, ``top``, ``tail`` and plug-ins can attach."""
+    exp = cfg.experiment_id
+    console.print(f"broker [cyan]{ep.bootstrap}[/]  cache [cyan]{mask_url(ep.redis_url)}[/]  "
+                  f"experiment [cyan]{exp}[/]", highlight=False)
+    secret = (f" (password in {Path(cfg.experiment.data_dir) / 'valkey' / 'password'})" if ep.embedded_cache
+              else "")
+    console.print(f"[dim]attach: export KAFKA_BOOTSTRAP={ep.bootstrap} REDIS_URL=<the cache URL{secret}>; "
+                  f"then autointerv status|top|tail TOPIC --experiment {exp}, or "
+                  f"autointerv service NAME --set experiment.id={exp}[/]", highlight=False)
 
 
 def cmd_service(args: argparse.Namespace, console: Console) -> int:
@@ -68,54 +106,85 @@ def cmd_service(args: argparse.Namespace, console: Console) -> int:
     if not cfg.bus.bootstrap:
         console.print("[yellow]no KAFKA_BOOTSTRAP set: this service gets its own embedded broker; run "
                       "`autointerv infra` first and export its variables to share one[/]")
+    if cfg.cache.url:
+        from services.core.checks import warn_about_redis
+
+        asyncio.run(warn_about_redis(cfg.cache.url))  # logged: a service's stderr is its log
     run_single(cfg, args.name, args.tier)
     return 0
 
 
-def cmd_status(args: argparse.Namespace, console: Console) -> int:
-    from services.core.bus import Topics
-    from services.monitor.status import collect_status, render_status
-    from services.orchestrator import expected_groups
+def _attach(args: argparse.Namespace) -> Config:
+    """The config with ``experiment.id`` set from ``--experiment`` (``latest`` resolved)."""
+    from pydantic import ValidationError
+
+    from services.core.config import format_validation_error
+    from services.monitor.attach import resolve_experiment
 
     cfg = _load(args)
-    if not cfg.bus.bootstrap:
-        console.print("[red]status needs a running broker: set KAFKA_BOOTSTRAP (see `autointerv infra`)[/]")
-        return 2
-    report = asyncio.run(collect_status(cfg.bus.bootstrap, Topics(cfg.bus.topic_prefix), expected_groups(cfg)))
-    render_status(report, console)
-    return 0
+    if getattr(args, "experiment", None):
+        try:
+            cfg.experiment.id = resolve_experiment(cfg, args.experiment)
+        except ValidationError as exc:
+            raise ConfigError("--experiment: " + format_validation_error(exc)) from None
+    return cfg
+
+
+def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from services import cli_ops
+
+    return cli_ops.cmd_status(_attach(args), console, experiment_given=bool(args.experiment))
 
 
 def cmd_top(args: argparse.Namespace, console: Console) -> int:
-    from services.monitor.top import run_top
+    from services import cli_ops
 
-    run_top(args.url, args.refresh, once=args.once)
-    return 0
+    return cli_ops.cmd_top(args, _attach(args) if args.experiment else None, console)
+
+
+def cmd_tail(args: argparse.Namespace, console: Console) -> int:
+    from services import cli_ops
+
+    cfg = _attach(args)
+    return cli_ops.cmd_tail(args, cfg, cfg.experiment_id if args.experiment else None)
 
 
 def cmd_infra(args: argparse.Namespace, console: Console) -> int:
-    from services.core.infra import infrastructure
+    from services import cli_ops
+
+    return cli_ops.cmd_infra(_load(args), console)
+
+
+def cmd_clean(args: argparse.Namespace, console: Console) -> int:
+    from services import cli_ops
+    from services.monitor.attach import resolve_experiment
 
     cfg = _load(args)
-    with infrastructure(cfg.bus.bootstrap, cfg.cache.url, Path(cfg.experiment.data_dir)) as ep:
-        console.print(f"export KAFKA_BOOTSTRAP={ep.bootstrap}\nexport REDIS_URL={ep.redis_url}")
-        console.print("[dim]embedded broker and cache running; Ctrl-C stops them[/]")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-    return 0
+    return cli_ops.cmd_clean(args, cfg, resolve_experiment(cfg, args.experiment), console)
+
+
+def cmd_init(args: argparse.Namespace, console: Console) -> int:
+    from services import cli_ops
+
+    return cli_ops.cmd_init(args, console)
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from services import cli_ops
+
+    return cli_ops.cmd_report(args, console)
 
 
 def cmd_schemas(args: argparse.Namespace, console: Console) -> int:
+    from services.core.bundled import schemas_dir
     from services.core.schemas import check_schemas, write_schemas
 
+    folder = Path(args.dir) if args.dir else schemas_dir()
     if args.write:
-        for p in write_schemas(Path(args.dir)):
+        for p in write_schemas(folder):
             console.print(f"wrote {p}")
         return 0
-    problems = check_schemas(Path(args.dir))
+    problems = check_schemas(folder)
     for p in problems:
         console.print(f"[red]{p}[/]")
     return 1 if problems else 0
@@ -124,19 +193,16 @@ def cmd_schemas(args: argparse.Namespace, console: Console) -> int:
 def cmd_config(args: argparse.Namespace, console: Console) -> int:
     from services.core.config import dump_config
 
-    console.print(dump_config(_load(args)), markup=False, highlight=False)
+    console.print(dump_config(_load(args), mask_secrets=True), markup=False, highlight=False)
     return 0
 
 
-def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from services.sink.table import load_results, render_table
-
-    results = load_results(Path(args.run_dir))
-    render_table(results.to_dict("records") if len(results) else [], console)
-    return 0
+EXPERIMENT_HELP = "experiment id, or `latest` (newest of <run_dir>/latest and the endpoint registry)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from services.cli_ops import KCAT_NOTE
+
     p = argparse.ArgumentParser(prog="autointerv", description=__doc__)
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="JSON logs on stderr at this level (default WARNING; `run` also writes INFO "
@@ -144,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", "-c", help=f"experiment YAML (default: {DEFAULT_CONFIG} if present)")
+        sp.add_argument("--config", "-c", help=f"experiment YAML (default: {DEFAULT_CONFIG} if present, "
+                                               "else the packaged demo config)")
         sp.add_argument("--set", "-s", action="append", metavar="KEY=VALUE",
                         help="override a config field, e.g. --set controller.max_texts=4000")
         return sp
@@ -154,22 +221,49 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("--tier", help="validator tier name (validator only; default: the first)")
     sp.set_defaults(func=cmd_service)
-    with_config(sub.add_parser("status", help="end offsets per topic and lag per consumer group")).set_defaults(
-        func=cmd_status)
-    sp = sub.add_parser("top", help="terminal view of a running process's /metrics")
-    sp.add_argument("--url", default="http://127.0.0.1:9464/metrics")
+    sp = with_config(sub.add_parser("status", help="endpoints of an experiment, end offsets per topic, lag per "
+                                                   "consumer group"))
+    sp.add_argument("--experiment", "-e", help=EXPERIMENT_HELP)
+    sp.set_defaults(func=cmd_status)
+    sp = with_config(sub.add_parser("top", help="terminal view of running processes' /metrics"))
+    sp.add_argument("--url", default="http://127.0.0.1:9464/metrics", help="one process's /metrics")
+    sp.add_argument("--experiment", "-e", help="scrape every registered endpoint of this " + EXPERIMENT_HELP)
     sp.add_argument("--refresh", type=float, default=1.0)
     sp.add_argument("--once", action="store_true")
     sp.set_defaults(func=cmd_top)
+    sp = with_config(sub.add_parser(
+        "tail", help="print a topic's events as JSON lines",
+        description="Print a topic's events as JSON lines (the event plus _topic/_partition/_offset), without "
+                    "joining a consumer group. " + KCAT_NOTE))
+    sp.add_argument("topic", help="logical (texts, dead-letters, ...) or physical (<prefix>.texts) topic name")
+    sp.add_argument("--experiment", "-e", help="only this " + EXPERIMENT_HELP)
+    sp.add_argument("--from-beginning", action="store_true", help="start at the oldest event, not the end")
+    sp.add_argument("-n", type=int, metavar="N", help="exit after printing N events")
+    sp.add_argument("--exit-at-end", action="store_true", help="exit at the end of the topic instead of following")
+    sp.set_defaults(func=cmd_tail)
     with_config(sub.add_parser("infra", help="start the embedded broker and cache and print their addresses")
                 ).set_defaults(func=cmd_infra)
+    sp = with_config(sub.add_parser("clean", help="delete an experiment's Redis state (and, with --run-dir, its "
+                                                  "run directory)"))
+    sp.add_argument("experiment", help=EXPERIMENT_HELP)
+    sp.add_argument("--run-dir", action="store_true", help="also delete <run_dir>/<experiment>")
+    sp.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    sp.set_defaults(func=cmd_clean)
+    sp = sub.add_parser("init", help="write a commented starter config")
+    sp.add_argument("path", nargs="?", default="autointerv.yaml")
+    sp.add_argument("--name", help="experiment.name (default: from the file name)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    sp.set_defaults(func=cmd_init)
     sp = sub.add_parser("schemas", help="check (default) or --write the JSON Schema files")
     sp.add_argument("--write", action="store_true")
-    sp.add_argument("--dir", default="schemas")
+    sp.add_argument("--dir", help="default: ./schemas if present, else the packaged schemas")
     sp.set_defaults(func=cmd_schemas)
     with_config(sub.add_parser("config", help="print the resolved, validated config")).set_defaults(func=cmd_config)
     sp = sub.add_parser("report", help="print the hypothesis table of a run directory")
     sp.add_argument("run_dir", nargs="?", default="runs/latest")
+    fmt = sp.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="the rows as a JSON array on stdout")
+    fmt.add_argument("--csv", action="store_true", help="the rows as CSV on stdout")
     sp.set_defaults(func=cmd_report)
     return p
 

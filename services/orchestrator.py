@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +28,12 @@ from services.core.bus import Bus, KafkaBus
 from services.core.clock import Clock, SystemClock, VirtualClock
 from services.core.config import Config
 from services.core.events import Event
-from services.core.http import start_http
+from services.core.http import serve_endpoints
 from services.core.infra import Endpoints, infrastructure
 from services.core.memory_bus import MemoryBus, Observer
 from services.core.metrics import Metrics
+from services.core.progress import PlainProgress
+from services.core.progress import snapshot as progress_snapshot
 from services.core.resources import Resources
 from services.core.runtime import InfrastructureLost, Service, ServiceContext, plugin_registry
 from services.core.topics import Topics
@@ -121,23 +124,20 @@ async def run_pipeline_async(cfg: Config, ep: Endpoints, console: Console | None
     ctx = make_context(cfg, bus, ep.redis_url)
     services = build_services(ctx)
     await bus.ensure_topics(ctx.topics.name(t) for t in Topology.of(services.values()).topics())
-    runner = None
-    if cfg.observability.metrics_port is not None:
-        try:
-            runner = await start_http(ctx.metrics, lambda: [s.health for s in services.values()],
-                                      cfg.observability.metrics_port)
-        except OSError as exc:
-            log.warning("metrics endpoint not started", extra={"port": cfg.observability.metrics_port,
-                                                               "error": str(exc)})
+    served = await serve_endpoints(cfg, ep.redis_url, ctx.metrics, lambda: [s.health for s in services.values()],
+                                   service="pipeline")
     stop_requested = asyncio.Event()
     _install_signals(stop_requested.set)
     tasks = {name: asyncio.create_task(svc.run(), name=name) for name, svc in services.items()}
     controller = services["controller"]
     t0 = time.time()
     reason = "finished"
-    show = console is not None and cfg.observability.progress
+    show = console is not None and cfg.observability.progress and console.is_terminal
     live = Live(_progress_table(controller, ctx.metrics, t0), console=console, refresh_per_second=2,
                 transient=True) if show else contextlib.nullcontext()
+    # without a terminal (CI, nohup, a log file): a plain line every few seconds instead
+    plain = (PlainProgress(cfg.controller.max_texts) if console is not None and cfg.observability.progress
+             and not console.is_terminal else None)
     cause: str | None = None
     try:
         with live:
@@ -156,14 +156,18 @@ async def run_pipeline_async(cfg: Config, ep: Endpoints, console: Console | None
                     break
                 if show:
                     live.update(_progress_table(controller, ctx.metrics, t0))
+                elif plain is not None:
+                    plain.maybe_print(progress_snapshot(controller.progress(), ctx.metrics), sys.stdout)
                 await asyncio.sleep(0.25)
     finally:
         _tell_sink(services, cause)  # before the stop: the sink finalizes in its teardown
         await _stop_all(services, tasks)
         await _finalize_all(services)
         await bus.close()
-        if runner is not None:
-            await runner.cleanup()
+        if plain is not None:
+            plain.maybe_print(progress_snapshot(controller.progress(), ctx.metrics), sys.stdout, force=True)
+        if served is not None:
+            await served.close()
     return RunOutcome(_run_dir(services), reason == "finished", reason, time.time() - t0, controller.progress(),
                       services)
 
@@ -315,17 +319,15 @@ async def run_single_async(cfg: Config, ep: Endpoints, name: str, tier: str | No
     else:
         svc = factory(ctx)
     svc.exit_when_finished = True  # a process started for this run ends with it (ControlEvent "finished")
-    runner = None
-    if cfg.observability.metrics_port is not None:
-        runner = await start_http(ctx.metrics, lambda: [svc.health], cfg.observability.metrics_port)
+    served = await serve_endpoints(cfg, ep.redis_url, ctx.metrics, lambda: [svc.health], service=svc.display_name)
     _install_signals(svc.stop)
     try:
         await svc.run()
     finally:
         await svc.finalize()
         await bus.close()
-        if runner is not None:
-            await runner.cleanup()
+        if served is not None:
+            await served.close()
 
 
 def run_single(cfg: Config, name: str, tier: str | None = None) -> None:

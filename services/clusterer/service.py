@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 from services.clusterer.state import ClusterState
 from services.core.events import CandidateCluster, ClusterSnapshot, ControlEvent, EmbeddedText, UncertaintyEvent
 from services.core.runtime import Incoming, Service, ServiceContext
+from services.core.state import expire_in_pipeline
 
 
 class ClustererService(Service):
@@ -160,6 +161,7 @@ class ClustererService(Service):
         pipe.set(self.k_state, data)
         pipe.set(self.k_offsets, orjson.dumps(offsets))
         pipe.set(self.k_pending, orjson.dumps(pending))
+        expire_in_pipeline(pipe, self.cfg, self.k_state, self.k_offsets, self.k_pending)
         await pipe.execute()
         self.m_state_bytes.labels(self.name).set(len(data))
         self.since_save = 0

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from services.controller.contrast import ContrastIndex, ContrastView
-from services.core.config import ControllerConfig
+from services.core.config import ControllerConfig, ExperimentConfig
 from services.core.events import ClusterSnapshot, Exemplar, GenerationRequest, PromptRef, UncertaintyEvent, stable_id
 
 K = TypeVar("K")
@@ -68,12 +68,22 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
                 n_per_prompt=int(data["n_per_prompt"]), note=data.get("note", ""))
 
 
-def paired_requests(experiment_id: str, rnd: int, plans: list[Plan]) -> list[GenerationRequest]:
-    """Each plan as two requests, one per model, with the same prompts and a shared pair id."""
+def rerun_seed_key(experiment: ExperimentConfig) -> str:
+    """Generation seeds derive from the experiment's seed and *name*, never its timestamped id."""
+    return stable_id(experiment.seed, experiment.name)
+
+
+def paired_requests(experiment_id: str, rnd: int, plans: list[Plan], seed_key: str = "") -> list[GenerationRequest]:
+    """Each plan as two requests, one per model, with the same prompts and a shared pair id.
+
+    Ids include the (timestamped) experiment id, so experiments never share one; the sampling seed
+    comes from ``seed_key`` (experiment seed and name) instead, so a rerun of the same config
+    samples the same texts and finds their embeddings in the cache."""
     return [GenerationRequest(
         experiment_id=experiment_id, request_id=stable_id(experiment_id, rnd, i, role),
         pair_id=stable_id(experiment_id, rnd, i), role=role, reason=plan.reason, round=rnd,  # type: ignore[arg-type]
-        prompts=plan.prompts, exemplars=plan.exemplars, n_per_prompt=plan.n_per_prompt, note=plan.note)
+        prompts=plan.prompts, exemplars=plan.exemplars, n_per_prompt=plan.n_per_prompt, note=plan.note,
+        decoding={"seed": int(stable_id(seed_key, rnd, i, role)[:8], 16) if seed_key else None})  # type: ignore[arg-type]
         for i, plan in enumerate(plans) for role in ("base", "intervention")]
 
 

@@ -32,7 +32,14 @@ import orjson
 from aiokafka import TopicPartition
 from redis.asyncio import Redis
 
-from services.controller.policy import Plan, SamplingPolicy, paired_requests, plan_from_dict, plan_to_dict
+from services.controller.policy import (
+    Plan,
+    SamplingPolicy,
+    paired_requests,
+    plan_from_dict,
+    plan_to_dict,
+    rerun_seed_key,
+)
 from services.core.events import (
     CandidateCluster,
     ClusterSnapshot,
@@ -45,6 +52,7 @@ from services.core.events import (
     Validation,
 )
 from services.core.runtime import Incoming, Service, ServiceContext
+from services.core.state import expire_state
 from services.generator.prompts import load_prompts
 
 STATE_VERSION = 2
@@ -294,7 +302,7 @@ class ControllerService(Service):
         st = self.st
         await self._save()
         plans = [plan_from_dict(p) for p in st.plans]
-        for req in paired_requests(self.ctx.experiment_id, st.round, plans):
+        for req in paired_requests(self.ctx.experiment_id, st.round, plans, rerun_seed_key(self.cfg.experiment)):
             await self.emit(req)
         await self.producer.flush()
         st.emitted = True
@@ -341,6 +349,7 @@ class ControllerService(Service):
     async def _save(self) -> None:
         assert self.redis is not None
         await self.redis.set(self.k_state, orjson.dumps(asdict(self.st)))
+        await expire_state(self.redis, self.cfg, self.k_state)
         self.dirty = False
 
     def _gauges(self) -> None:

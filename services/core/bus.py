@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from services.core.config import BusConfig
+from services.core.config import BusConfig, ConfigError
 from services.core.events import Envelope, Event
 from services.core.topics import ESCALATION_PREFIX, LOGICAL_TOPICS, Topics, escalation_topic
 
@@ -42,6 +43,7 @@ __all__ = [
     "PartitionLag",
     "Producer",
     "Topics",
+    "client_security_kwargs",
     "end_offsets",
     "ensure_topics",
     "escalation_topic",
@@ -139,7 +141,7 @@ class Producer(EventProducer):
         if bus.exactly_once:
             kwargs["enable_idempotence"] = True
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=f"{bus.client_id}-{source}",
-                                          **kwargs)
+                                          **kwargs, **client_security_kwargs(bus))
         self._started = False
 
     async def start(self) -> None:
@@ -204,7 +206,8 @@ class KafkaBus(Bus):
     def __init__(self, cfg: BusConfig, bootstrap: str, topics: Topics) -> None:
         super().__init__(cfg, topics)
         self.bootstrap = bootstrap
-        self._probe = LagProbe(bootstrap)
+        self.security = client_security_kwargs(cfg)
+        self._probe = LagProbe(bootstrap, self.security)
         self._probe_lock = asyncio.Lock()  # the probe's consumer seeks: one query at a time
 
     @property
@@ -212,7 +215,7 @@ class KafkaBus(Bus):
         return self.bootstrap
 
     async def ensure_topics(self, names: Iterable[str]) -> None:
-        await ensure_topics(self.bootstrap, names, self.cfg.partitions, self.cfg.replication_factor)
+        await ensure_topics(self.bootstrap, names, self.cfg.partitions, self.cfg.replication_factor, self.security)
 
     def producer(self, source: str) -> EventProducer:
         return Producer(self.cfg, self.bootstrap, self.topics, source)
@@ -239,9 +242,32 @@ class KafkaBus(Bus):
             await self._probe.close()
 
 
-async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int, replication: int) -> None:
+def client_security_kwargs(bus: BusConfig, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """aiokafka keyword arguments for ``bus.security_protocol`` (SASL and/or TLS on a real Kafka);
+    empty for PLAINTEXT.  Every producer, consumer and admin client takes them.  The SASL password
+    is read from the environment variable ``bus.sasl_password_env`` names, never from the config."""
+    if bus.security_protocol == "PLAINTEXT":
+        return {}
+    kwargs: dict[str, Any] = {"security_protocol": bus.security_protocol}
+    if bus.security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        kwargs["ssl_context"] = create_ssl_context(cafile=bus.ssl_cafile)
+    if bus.security_protocol.startswith("SASL_"):
+        env = os.environ if environ is None else environ
+        name = bus.sasl_password_env or ""
+        if not env.get(name):
+            raise ConfigError(f"bus.sasl_password_env: environment variable {name!r} is not set")
+        kwargs.update(sasl_mechanism=bus.sasl_mechanism, sasl_plain_username=bus.sasl_username,
+                      sasl_plain_password=env[name])
+    return kwargs
+
+
+
+async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int, replication: int,
+                        security: Mapping[str, Any] | None = None) -> None:
     """Create missing topics (idempotent; safe when several services race)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **(security or {}))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -262,7 +288,7 @@ def make_consumer(bus: BusConfig, bootstrap: str, topics: list[str], group_id: s
         isolation_level="read_committed" if bus.exactly_once else "read_uncommitted",
         session_timeout_ms=bus.session_timeout_ms, heartbeat_interval_ms=bus.heartbeat_interval_ms,
         rebalance_timeout_ms=bus.session_timeout_ms, max_poll_interval_ms=600_000,
-        fetch_max_wait_ms=bus.fetch_max_wait_ms,
+        fetch_max_wait_ms=bus.fetch_max_wait_ms, **client_security_kwargs(bus),
     )  # aiokafka's own request timeout (40 s) stays: a group join on Tansu takes session_timeout / 2
 
 
@@ -279,7 +305,8 @@ class PartitionLag:
 
 
 async def end_offsets(bootstrap: str, topics: Iterable[str], probe: AIOKafkaConsumer | None = None,
-                      correct: bool = True, timeout_s: float = 2.0) -> dict[TopicPartition, int]:
+                      correct: bool = True, timeout_s: float = 2.0,
+                      security: Mapping[str, Any] | None = None) -> dict[TopicPartition, int]:
     """True end offsets (offset of the last record + 1) per partition.
 
     Tansu 0.6 answers ListOffsets(latest) with the *last batch's base offset* + 1, which is too
@@ -289,7 +316,7 @@ async def end_offsets(bootstrap: str, topics: Iterable[str], probe: AIOKafkaCons
     False skips that fetch (ListOffsets only).
     """
     own = probe is None
-    consumer = probe or AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = probe or AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **(security or {}))
     if own:
         await consumer.start()
     try:
@@ -332,10 +359,11 @@ async def _correct_ends(consumer: AIOKafkaConsumer, listed: dict[TopicPartition,
     return ends
 
 
-async def group_lag(bootstrap: str, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
+async def group_lag(bootstrap: str, group_id: str, topics: Iterable[str],
+                    security: Mapping[str, Any] | None = None) -> list[PartitionLag]:
     """Lag of one consumer group on the given topics (end offset minus committed offset), over
     connections opened for this one query; :class:`LagProbe` keeps them for repeated queries."""
-    probe = LagProbe(bootstrap)
+    probe = LagProbe(bootstrap, security)
     try:
         return await probe.lag(group_id, topics)
     finally:
@@ -346,14 +374,15 @@ class LagProbe:
     """A consumer (never in a group) and an admin client kept open for repeated lag queries:
     opening both per query cost two broker connections every ``generator.lag_check_s``."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, security: Mapping[str, Any] | None = None) -> None:
         self.bootstrap = bootstrap
+        self.security = dict(security or {})
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
 
     async def _open(self) -> AIOKafkaConsumer:
         if self._consumer is None:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, **self.security)
             await consumer.start()
             self._consumer = consumer
         return self._consumer
@@ -368,7 +397,7 @@ class LagProbe:
     async def lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
         ends = await self.end_offsets(topics)
         if self._admin is None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.security)
             await admin.start()
             self._admin = admin
         committed = await self._admin.list_consumer_group_offsets(group_id, partitions=list(ends))

@@ -58,6 +58,20 @@ class BusConfig(Strict):
     broker_loss_s: float = Field(default=60.0, gt=0)
     # on SIGTERM/SIGINT: the most a service spends draining (flush, final commit) before it exits
     shutdown_timeout_s: float = Field(default=8.0, gt=0)
+    # real Kafka only (Tansu speaks PLAINTEXT): passed to every aiokafka client by bus.client_security_kwargs
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password_env: str | None = None  # name of the env var holding the password, never the password
+    ssl_cafile: str | None = None  # CA bundle that signed the brokers' certificates; None: system CAs
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> BusConfig:
+        if self.security_protocol.startswith("SASL_") and not (
+                self.sasl_mechanism and self.sasl_username and self.sasl_password_env):
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism, "
+                             "sasl_username and sasl_password_env")
+        return self
 
 
 class CacheConfig(Strict):
@@ -65,6 +79,9 @@ class CacheConfig(Strict):
     namespace: str = "ai"
     vector_dtype: Literal["float16", "float32"] = "float16"
     ttl_s: int | None = Field(default=30 * 24 * 3600, ge=1)  # refreshed on hit; None = no expiry
+    # per-experiment state (controller, clusterer, validator, LLM budget, endpoints) expires this long
+    # after its last write, so finished experiments do not pile up; None = keep until `autointerv clean`
+    state_ttl_s: int | None = Field(default=14 * 24 * 3600, ge=60)
     enabled: bool = True
     # a stateful service that cannot reach Redis for this long stops with a clear message; shorter
     # outages are retried (the embedder degrades to encoding without the cache instead)
@@ -72,7 +89,8 @@ class CacheConfig(Strict):
 
 
 class ObservabilityConfig(Strict):
-    metrics_port: int | None = 9464  # /metrics and /healthz; None disables the HTTP endpoint
+    metrics_port: int | None = 9464  # /metrics and /healthz; None disables; taken: a free port is used
+    metrics_host: str = "127.0.0.1"  # "0.0.0.0" exposes /metrics and /healthz beyond this host
     stall_after_s: float = Field(default=60.0, gt=0)  # alive but no progress while lag > 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     progress: bool = True  # rich progress in the terminal
@@ -349,19 +367,23 @@ class GroundTruthConfig(Strict):
     behaviours: list[PlantedBehaviour] = Field(default_factory=list)
 
 
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a single path component that cannot climb ("..", "/")
+
+
 class ExperimentConfig(Strict):
-    id: str | None = None  # default: "<name>-<timestamp>"
-    name: str = "experiment"
+    id: str | None = None  # default: "<name>-<timestamp>"; names the run directory and Redis keys
+    name: str = "experiment"  # same across reruns: seeds generation (so reruns hit the cache)
     seed: int = 0
     run_dir: str = "runs"
     data_dir: str = ".data"  # embedded broker/cache state
     budget_usd: float = Field(default=0.0, ge=0)  # LLM spend cap; 0 = no paid calls at all
 
-    @field_validator("id")
+    @field_validator("id", "name")
     @classmethod
     def _id_chars(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", v):
-            raise ValueError("may contain only letters, digits, '.', '_' and '-' (1-100 chars)")
+        if v is not None and not re.fullmatch(SAFE_NAME, v):
+            raise ValueError("must start with a letter or digit and contain only letters, digits, '.', '_' "
+                             "and '-' (1-100 chars): it names a directory under run_dir")
         return v
 
 
@@ -417,6 +439,16 @@ def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def parse_value(raw: str, where: str) -> Any:
+    """One override value parsed as YAML (``[1, 2]``, ``true``); a ConfigError naming ``where``."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{where}: {raw!r} is not a valid YAML value ({problem}); "
+                          "quote it to pass a plain string") from None
+
+
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Nested dict from ``AUTOINTERV__A__B=v`` variables plus KAFKA_BOOTSTRAP / REDIS_URL."""
     tree: dict[str, Any] = {}
@@ -424,7 +456,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if name.startswith(ENV_PREFIX):
             path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
             if path:
-                set_path(tree, path, yaml.safe_load(raw) if raw != "" else None)
+                set_path(tree, path, parse_value(raw, f"environment variable {name}") if raw != "" else None)
     if environ.get("KAFKA_BOOTSTRAP"):
         set_path(tree, ["bus", "bootstrap"], environ["KAFKA_BOOTSTRAP"])
     if environ.get("REDIS_URL"):
@@ -457,11 +489,17 @@ def load_config(path: str | os.PathLike[str] | None = None,
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {exc.start}: "
+                              f"{exc.object[exc.start:exc.start + 1]!r})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must contain a mapping at the top level")
+            raise ConfigError(f"config file {p} must contain a mapping at the top level (experiment:, "
+                              f"models:, ...), not a {type(loaded).__name__}")
         data = loaded
     data = _merge(data, env_overrides(os.environ if environ is None else environ))
     if overrides:
@@ -472,5 +510,18 @@ def load_config(path: str | os.PathLike[str] | None = None,
         raise ConfigError(format_validation_error(exc)) from None
 
 
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+URL_PASSWORD = re.compile(r'(://[^/@:\s"]*:)[^/@\s"]+@')  # the password of scheme://user:password@host
+
+
+def mask_url(url: str | None) -> str | None:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``: a URL's password is a secret."""
+    return None if url is None else URL_PASSWORD.sub(r"\1***@", url)
+
+
+def dump_config(cfg: Config, mask_secrets: bool = False) -> str:
+    """The resolved config as YAML; ``mask_secrets`` for copies people read (``autointerv config``,
+    a run directory's config.yaml): the cache URL's password is masked, so that copy cannot connect."""
+    data = cfg.model_dump(mode="json")
+    if mask_secrets:
+        data["cache"]["url"] = mask_url(data["cache"]["url"])
+    return yaml.safe_dump(data, sort_keys=False)

@@ -397,7 +397,9 @@ class DeadLetter(Event):
     created_at: float = Field(default_factory=time.time)
 
     def event_id(self) -> str:
-        return f"{self.source_topic}:{self.source_partition}:{self.source_offset}"
+        # the service is part of the identity: two services (groups) may each dead-letter the same
+        # record, and the sink dedupes by this id, so without it one of the two was dropped
+        return f"{self.service}:{self.source_topic}:{self.source_partition}:{self.source_offset}"
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (

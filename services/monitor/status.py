@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from services.core.bus import ESCALATION_PREFIX, LOGICAL_TOPICS, PartitionLag, Topics, end_offsets
+from services.core.endpoints import Endpoint
 
 log = logging.getLogger("autointerv.status")
 
@@ -197,30 +199,81 @@ def _per_partition(values: Mapping[int, int]) -> str:
     return " ".join(f"{p}:{v}" for p, v in sorted(values.items()))
 
 
-def render_status(report: StatusReport, console: Console) -> None:
-    """Print two tables: topics (end offsets) and consumer groups (committed, end, lag)."""
-    tt = Table(title=f"Topics ({report.prefix}.*) on {report.bootstrap}", title_justify="left")
-    for col, just in (("topic", "left"), ("partitions", "right"), ("records (end offsets)", "right"),
-                      ("per partition", "left")):
-        tt.add_column(col, justify=just)  # type: ignore[arg-type]
+def _group_label(group: str, prefix: str, experiment: str | None) -> str:
+    """``<prefix>.<experiment>.embedder`` -> ``embedder`` when the tables are about that experiment."""
+    own = f"{prefix}.{experiment}." if experiment else None
+    return group[len(own):] if own and group.startswith(own) else group
+
+
+def render_status(report: StatusReport, console: Console, experiment: str | None = None) -> None:
+    """Print two tables: topics (end offsets) and consumer groups (committed, end, lag).  They fit
+    80 columns: no vertical rules, and the per-partition column folds onto more lines."""
+    tt = Table(title=f"Topics ({report.prefix}.*) on {report.bootstrap}", title_justify="left",
+               box=box.SIMPLE_HEAD, pad_edge=False)
+    tt.add_column("topic", no_wrap=True)
+    tt.add_column("parts", justify="right")
+    tt.add_column("records", justify="right", no_wrap=True)
+    tt.add_column("per partition", overflow="fold", min_width=12)
     for t in report.topics:
         tt.add_row(t.logical, str(len(t.ends)), f"{t.total:,}", _per_partition(t.ends))
     console.print(tt)
 
-    gt = Table(title="Consumer groups", title_justify="left")
-    for col, just in (("group", "left"), ("state", "left"), ("topic", "left"), ("committed", "right"),
-                      ("end", "right"), ("lag", "right"), ("lag per partition", "left")):
-        gt.add_column(col, justify=just)  # type: ignore[arg-type]
-    for g in report.groups:
+    title = f"Consumer groups of {experiment}" if experiment else "Consumer groups"
+    gt = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    labels = [_group_label(g.group, report.prefix, experiment) for g in report.groups]
+    room = max(12, console.width - 54)  # what the other columns leave on this console
+    gt.add_column("group", overflow="fold", width=min(room, max(map(len, labels), default=5)))
+    gt.add_column("topic, lag per partition", overflow="fold", ratio=1)
+    for col in ("committed", "end", "lag"):
+        gt.add_column(col, justify="right", no_wrap=True)
+    for g, label in zip(report.groups, labels, strict=True):
         joined = g.discovered or not report.list_groups_supported
-        label = g.group if joined else f"{g.group} [dim](not joined)[/]"
+        if g.state not in ("Stable", "unknown"):
+            label += f"\n[dim]({g.state})[/]"
+        if not joined:
+            label += "\n[dim](not joined)[/]"
         if not g.topics:
-            gt.add_row(label, g.state, "[dim]no commits yet[/]", "", "", "", "")
+            gt.add_row(label, "[dim]no commits yet[/]", "", "", "")
         for i, t in enumerate(g.topics):
             style = "red" if t.lag > 0 else "green"
-            gt.add_row(label if i == 0 else "", g.state if i == 0 else "", t.logical, f"{t.committed:,}",
-                       f"{t.end:,}", f"[{style}]{t.lag:,}[/]",
-                       _per_partition({p.partition: max(0, p.lag) for p in t.partitions}))
+            per = _per_partition({p.partition: max(0, p.lag) for p in t.partitions})
+            gt.add_row(label if i == 0 else "", f"{t.logical}\n[dim]{per}[/]", f"{t.committed:,}",
+                       f"{t.end:,}", f"[{style}]{t.lag:,}[/]")
     console.print(gt)
     for note in report.notes:
         console.print(f"[yellow]{note}[/]")
+
+
+def render_endpoints(endpoints: list[tuple[Endpoint, str]], console: Console, experiment: str) -> None:
+    """The experiment's registered /metrics endpoints, each with what its /healthz said."""
+    if not endpoints:
+        console.print(f"[dim]no endpoints registered for {experiment} (processes publish theirs in Redis "
+                      "when they start)[/]")
+        return
+    et = Table(title=f"Endpoints of {experiment}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    et.add_column("service", overflow="fold")
+    et.add_column("pid", justify="right")
+    et.add_column("metrics", overflow="fold")
+    et.add_column("health", overflow="fold")
+    et.add_column("up since", no_wrap=True)
+    for ep, health in endpoints:
+        style = "green" if health == "ok" else "red"
+        et.add_row(ep.service, str(ep.pid), ep.metrics_url, f"[{style}]{health}[/]",
+                   time.strftime("%m-%d %H:%M", time.localtime(ep.started_at)))
+    console.print(et)
+
+
+async def probe_health(url: str, timeout_s: float = 2.0) -> str:
+    """``ok``, the failing services' details, or ``unreachable`` (a process that died)."""
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            resp = await client.get(url.rstrip("/") + "/healthz")
+        body = resp.json()
+    except (httpx.HTTPError, ValueError):
+        return "unreachable"
+    if body.get("ok"):
+        return "ok"
+    bad = [f"{name}: {s.get('detail', '')}" for name, s in body.get("services", {}).items() if not s.get("ok")]
+    return "; ".join(bad) or f"HTTP {resp.status_code}"

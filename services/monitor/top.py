@@ -43,10 +43,14 @@ class ServiceRow:
         return None if self.last_progress is None else max(0.0, now - self.last_progress)
 
 
-def scrape(url: str, timeout_s: float = 5.0) -> list[Metric]:
-    resp = httpx.get(url, timeout=timeout_s)
-    resp.raise_for_status()
-    return list(text_string_to_metric_families(resp.text))
+def scrape(url: str | list[str], timeout_s: float = 5.0) -> list[Metric]:
+    """Metric families of one endpoint, or of several (one experiment's processes) together."""
+    families: list[Metric] = []
+    for u in [url] if isinstance(url, str) else url:
+        resp = httpx.get(u, timeout=timeout_s)
+        resp.raise_for_status()
+        families += text_string_to_metric_families(resp.text)
+    return families
 
 
 def service_rows(families: Iterable[Metric]) -> dict[str, ServiceRow]:
@@ -94,8 +98,9 @@ def _fmt_age(age: float | None) -> str:
     return f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m"
 
 
-def render(rows: list[ServiceRow], url: str, now: float, error: str | None = None) -> Table:
-    table = Table(title=f"autointerv top — {url} — {time.strftime('%H:%M:%S', time.localtime(now))}",
+def render(rows: list[ServiceRow], url: str | list[str], now: float, error: str | None = None) -> Table:
+    where = url if isinstance(url, str) else (url[0] if len(url) == 1 else f"{len(url)} endpoints")
+    table = Table(title=f"autointerv top — {where} — {time.strftime('%H:%M:%S', time.localtime(now))}",
                   title_justify="left", caption=error, caption_style="red")
     for col in ("service", "processed/s", "processed", "published", "errors", "dead letters", "lag",
                 "healthy", "last progress"):
@@ -110,7 +115,7 @@ def render(rows: list[ServiceRow], url: str, now: float, error: str | None = Non
     return table
 
 
-def _frame(view: TopView, url: str) -> tuple[list[ServiceRow], Table]:
+def _frame(view: TopView, url: str | list[str]) -> tuple[list[ServiceRow], Table]:
     now = time.time()
     try:
         rows = view.update(scrape(url), now)
@@ -119,7 +124,7 @@ def _frame(view: TopView, url: str) -> tuple[list[ServiceRow], Table]:
     return rows, render(rows, url, now)
 
 
-def run_top(url: str = "http://127.0.0.1:9464/metrics", refresh_s: float = 1.0, once: bool = False,
+def run_top(url: str | list[str] = "http://127.0.0.1:9464/metrics", refresh_s: float = 1.0, once: bool = False,
             console: Console | None = None) -> list[ServiceRow]:
     """Show the live view until Ctrl-C; ``once`` scrapes twice ``refresh_s`` apart (so rates exist),
     prints one frame and returns its rows."""

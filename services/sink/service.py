@@ -65,7 +65,7 @@ class SinkService(Service):
 
     def _open(self) -> None:
         if not self._opened:
-            self.writer.open(dump_config(self.cfg))
+            self.writer.open(dump_config(self.cfg, mask_secrets=True))
             update_latest_link(self.run_dir.parent, self.run_dir.name)
             self._opened = True
 

@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 
 from services.core.events import ControlEvent, DeadLetter, Event, Hypothesis, Validation, stable_id
 from services.core.runtime import Incoming, Service, ServiceContext
+from services.core.state import expire_state
 from services.core.topics import escalation_topic
 from services.stats.auc import auc_test
 from services.stats.fdr import LordPlusPlus
@@ -143,6 +144,7 @@ class ValidatorService(Service):
             h = item.event
             assert isinstance(h, Hypothesis)
             v = await self._decide_once(h)
+            await expire_state(self.redis, self.cfg, self.k_lord, self.k_decided)
             await self.emit(v)
             if v.decision == "escalated":
                 nxt = self.cfg.validator.tiers[self.tier_index + 1].name
