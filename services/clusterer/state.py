@@ -63,6 +63,10 @@ STATE_VERSION = 1
 ROLE_CODE = {"base": 0, "intervention": 1}
 MIN_SPLIT_MEMBERS = 8
 MAX_LOG_E = 700.0  # exp() of more overflows a float; such evidence is decisive anyway
+# centroids ride on a snapshot when the cluster ids changed, and on every CENTROIDS_EVERY-th one,
+# unless k * dim exceeds CENTROIDS_MAX_VALUES (a snapshot must stay well under the broker's 1 MB)
+CENTROIDS_EVERY = 20
+CENTROIDS_MAX_VALUES = 262_144
 
 
 @dataclass
@@ -181,6 +185,7 @@ class ClusterState:
         self._prev_centroids: np.ndarray | None = None
         self._prev_ids: np.ndarray | None = None
         self._pca: np.ndarray | None = None
+        self._centroids_sent: tuple[tuple[int, ...], int] | None = None  # (ids, seq) last sent
 
     # ================================================================== ingest
     def ingest(self, items: list[EmbeddedText]) -> IngestResult:
@@ -513,6 +518,7 @@ class ClusterState:
                 k, m = int(view.own[row, 1]), int(n[row])
                 clusters.append(ClusterStats(
                     cluster_id=cid, count_base=int(tot[0]), count_intervention=int(tot[1]),
+                    own_base=int(view.own[row, 0]), own_intervention=k,
                     share_intervention=k / m if m else 0.5,
                     share_ci=confidence_sequence_bernoulli(k, m, self.alpha),
                     e_value=math.exp(min(float(log_e[row]), MAX_LOG_E)),
@@ -530,7 +536,22 @@ class ClusterState:
             experiment_id=self.experiment_id, seq=self.seq,
             n_seen=int(self.role_totals.sum()), n_base=int(self.role_totals[0]),
             n_intervention=int(self.role_totals[1]), engine=self.engine.name, clusters=clusters,
-            quality=quality if quality is not None else ClusterQuality())
+            quality=quality if quality is not None else ClusterQuality(),
+            lineage={c: p for c, p in self.engine.parents.items() if p is not None},
+            **self._centroid_fields(ids, centroids))
+
+    def _centroid_fields(self, ids: list[int], centroids: np.ndarray) -> dict[str, Any]:
+        """Centroids for the snapshot when the ids changed since the last ones sent, or every
+        CENTROIDS_EVERY snapshots; nothing otherwise (they are the bulk of a snapshot)."""
+        if not ids or centroids.size > CENTROIDS_MAX_VALUES:
+            return {}
+        key = tuple(ids)
+        sent = self._centroids_sent
+        if sent is not None and sent[0] == key and self.seq - sent[1] < CENTROIDS_EVERY:
+            return {}
+        self._centroids_sent = (key, self.seq)
+        return {"centroids_b64": EmbeddedText.encode_vector(centroids.ravel(), "float16"),
+                "centroid_dim": int(centroids.shape[1])}
 
     # ================================================================== small queries
     def has_seen(self, text_id: str) -> bool:

@@ -180,11 +180,18 @@ class EmbeddedText(Event):
 
 
 class ClusterStats(BaseModel):
+    """One active cluster.  ``count_*`` are displayed counts: the texts assigned to it plus a share of
+    its parent's texts inherited at a split.  The share, its CI and the e-value are computed on the
+    ``own_*`` counts alone (texts assigned to this id since it was created), so a chart of the share
+    must show those; ``None`` in snapshots written before the field existed."""
+
     cluster_id: int
     count_base: int
     count_intervention: int
-    share_intervention: float
-    share_ci: tuple[float, float]  # CI on P(intervention | cluster)
+    share_intervention: float  # of the own counts; 0.5 when it has none yet
+    share_ci: tuple[float, float]  # CI on P(intervention | cluster), from the own counts
+    own_base: int | None = None
+    own_intervention: int | None = None
     e_value: float = 1.0  # anytime-valid evidence against "no difference"
     centroid_2d: tuple[float, float] = (0.0, 0.0)
     parent_id: int | None = None
@@ -212,9 +219,29 @@ class ClusterSnapshot(Event):
     clusters: list[ClusterStats]
     quality: ClusterQuality
     created_at: float = Field(default_factory=time.time)
+    # child id -> parent id for every cluster a split created, retired ones included, so an id
+    # cited by a candidate can be followed to the clusters that replaced it
+    lineage: dict[int, int] = Field(default_factory=dict)
+    # the clusters' centroids (float16, little-endian, rows in the order of ``clusters``), sent on
+    # some snapshots only (when the ids change, and every few snapshots): the report assigns its
+    # map sample to the final clusters with them.  Empty when not sent.
+    centroids_b64: str = ""
+    centroid_dim: int = 0
 
     def event_id(self) -> str:
         return f"{self.experiment_id}:snapshot:{self.seq}"
+
+    def centroids(self) -> np.ndarray | None:
+        """(k, centroid_dim) float32 aligned with ``clusters``; None when not sent or inconsistent."""
+        if not self.centroids_b64 or self.centroid_dim < 1:
+            return None
+        try:
+            flat = np.frombuffer(base64.b64decode(self.centroids_b64), dtype=np.dtype("float16").newbyteorder("<"))
+        except ValueError:
+            return None
+        if flat.size != len(self.clusters) * self.centroid_dim or not np.isfinite(flat).all():
+            return None
+        return flat.astype(np.float32).reshape(len(self.clusters), self.centroid_dim)
 
 
 class TextRef(BaseModel):
