@@ -72,7 +72,8 @@ def _snapshot(seq: int, clusters: list[ClusterStats], lineage: dict[int, int]) -
     cents = CENTRES[[c.cluster_id for c in clusters]]
     return ClusterSnapshot(experiment_id=EXP, seq=seq, n_seen=2 * N, n_base=N, n_intervention=N, engine="minibatch",
                            clusters=clusters, quality=ClusterQuality(silhouette=0.4, n_clusters=len(clusters)),
-                           lineage=lineage, centroids_b64=EmbeddedText.encode_vector(cents.ravel()),
+                           lineage=lineage, centroid_ids=[c.cluster_id for c in clusters],
+                           centroids_b64=EmbeddedText.encode_vector(cents.ravel()),
                            centroid_dim=cents.shape[1], created_at=1030.0 + seq)
 
 

@@ -179,25 +179,37 @@ def test_terminal_table_fits_80_columns_one_row_per_finding(run_dir: Path) -> No
 def test_snapshot_carries_own_counts_lineage_and_centroids() -> None:
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(6, 16))
-    blob = rng.integers(0, 6, size=3000)
-    X = (centres[blob] + 0.05 * rng.normal(size=(3000, 16))).astype(np.float32)
+    X = (centres[rng.integers(0, 6, size=3000)] + 0.05 * rng.normal(size=(3000, 16))).astype(np.float32)
     roles = np.where(rng.random(3000) < 0.5, "base", "intervention")
-    cfg = ClustererConfig(k_initial=2, k_max=8, warmup=200, batch_size=64, split_every=250, split_min_size=100,
+    cfg = ClustererConfig(k_initial=2, k_max=40, warmup=200, batch_size=64, split_every=250, split_min_size=100,
                           reservoir_size=20, vector_reservoir_size=32, min_cluster_texts=30)
     st = ClusterState(cfg, "exp")
-    for s in range(0, 3000, 250):
-        st.ingest_arrays([f"t{i}" for i in range(s, s + 250)], [f"p{i}" for i in range(s, s + 250)],
-                         roles[s:s + 250].tolist(), ["x"] * 250, X[s:s + 250])
+
+    def feed(a: int, b: int) -> None:
+        st.ingest_arrays([f"t{i}" for i in range(a, b)], [f"p{i}" for i in range(a, b)], roles[a:b].tolist(),
+                         ["x"] * (b - a), X[a:b])
+
+    feed(0, 1000)
+    first = st.snapshot()
+    cents = first.centroids()  # the first snapshot carries them all
+    assert sorted(cents) == sorted(st.engine.ids)
+    assert np.allclose(np.stack([cents[c] for c in st.engine.ids]), st.engine.centroids, atol=1e-2)
+    assert st.snapshot().centroids() == {}  # nothing new: nothing sent
+    before = set(st.engine.ids)
+    feed(1000, 1500)  # splits
+    new = set(st.engine.ids) - before
+    assert new and set(st.snapshot().centroids()) == new  # only the clusters created since
+    rest = [st.snapshot() for _ in range(CENTROIDS_EVERY - 2)]
+    assert [len(s.centroids()) for s in rest[:-1]] == [0] * (CENTROIDS_EVERY - 3)
+    assert sorted(rest[-1].centroids()) == sorted(st.engine.ids)  # every CENTROIDS_EVERY-th: all again
+
+    feed(1500, 3000)
     snap = st.snapshot()
     assert snap.lineage and all(c.parent_id == snap.lineage[c.cluster_id] for c in snap.clusters if c.parent_id)
+    assert set(snap.lineage) >= set(first.lineage)  # retired clusters keep their place in the lineage
     assert any(c.count_base + c.count_intervention > c.own_base + c.own_intervention for c in snap.clusters)
     for c in snap.clusters:
         assert 0 <= c.own_base <= c.count_base and 0 <= c.own_intervention <= c.count_intervention
         n = c.own_base + c.own_intervention
         assert c.share_intervention == pytest.approx(c.own_intervention / n if n else 0.5)
     assert sum(c.count_base + c.count_intervention for c in snap.clusters) == snap.n_seen
-    cents = snap.centroids()
-    assert cents is not None and cents.shape == (len(snap.clusters), 16)
-    assert np.allclose(cents, st.engine.centroids, atol=1e-2)
-    later = [st.snapshot() for _ in range(CENTROIDS_EVERY)]  # nothing changed: sent again only every Nth
-    assert [s.centroids() is not None for s in later] == [False] * (CENTROIDS_EVERY - 1) + [True]

@@ -63,8 +63,8 @@ STATE_VERSION = 1
 ROLE_CODE = {"base": 0, "intervention": 1}
 MIN_SPLIT_MEMBERS = 8
 MAX_LOG_E = 700.0  # exp() of more overflows a float; such evidence is decisive anyway
-# centroids ride on a snapshot when the cluster ids changed, and on every CENTROIDS_EVERY-th one,
-# unless k * dim exceeds CENTROIDS_MAX_VALUES (a snapshot must stay well under the broker's 1 MB)
+# every CENTROIDS_EVERY-th snapshot carries all centroids (unless k * dim exceeds CENTROIDS_MAX_VALUES:
+# a snapshot stays well under the broker's 1 MB); the ones between carry only new clusters' centroids
 CENTROIDS_EVERY = 20
 CENTROIDS_MAX_VALUES = 262_144
 
@@ -185,7 +185,8 @@ class ClusterState:
         self._prev_centroids: np.ndarray | None = None
         self._prev_ids: np.ndarray | None = None
         self._pca: np.ndarray | None = None
-        self._centroids_sent: tuple[tuple[int, ...], int] | None = None  # (ids, seq) last sent
+        self._centroids_sent: set[int] = set()  # ids whose centroid a snapshot carried
+        self._centroids_full_seq: int | None = None  # seq of the last snapshot carrying all of them
 
     # ================================================================== ingest
     def ingest(self, items: list[EmbeddedText]) -> IngestResult:
@@ -541,17 +542,22 @@ class ClusterState:
             **self._centroid_fields(ids, centroids))
 
     def _centroid_fields(self, ids: list[int], centroids: np.ndarray) -> dict[str, Any]:
-        """Centroids for the snapshot when the ids changed since the last ones sent, or every
-        CENTROIDS_EVERY snapshots; nothing otherwise (they are the bulk of a snapshot)."""
-        if not ids or centroids.size > CENTROIDS_MAX_VALUES:
+        """All centroids every CENTROIDS_EVERY snapshots, else those of clusters created since any
+        was sent (a split's children): a few KB instead of the bulk of every snapshot.  At most
+        CENTROIDS_MAX_VALUES values per snapshot; the rest follow in the next ones."""
+        if not ids:
             return {}
-        key = tuple(ids)
-        sent = self._centroids_sent
-        if sent is not None and sent[0] == key and self.seq - sent[1] < CENTROIDS_EVERY:
+        if self._centroids_full_seq is None or self.seq - self._centroids_full_seq >= CENTROIDS_EVERY:
+            rows = list(range(len(ids)))
+            self._centroids_full_seq = self.seq
+        else:
+            rows = [i for i, c in enumerate(ids) if c not in self._centroids_sent]
+        rows = rows[:max(1, CENTROIDS_MAX_VALUES // max(1, centroids.shape[1]))]
+        if not rows:
             return {}
-        self._centroids_sent = (key, self.seq)
-        return {"centroids_b64": EmbeddedText.encode_vector(centroids.ravel(), "float16"),
-                "centroid_dim": int(centroids.shape[1])}
+        self._centroids_sent.update(ids[i] for i in rows)
+        return {"centroid_ids": [int(ids[i]) for i in rows], "centroid_dim": int(centroids.shape[1]),
+                "centroids_b64": EmbeddedText.encode_vector(centroids[rows].ravel(), "float16")}
 
     # ================================================================== small queries
     def has_seen(self, text_id: str) -> bool:

@@ -222,26 +222,33 @@ class ClusterSnapshot(Event):
     # child id -> parent id for every cluster a split created, retired ones included, so an id
     # cited by a candidate can be followed to the clusters that replaced it
     lineage: dict[int, int] = Field(default_factory=dict)
-    # the clusters' centroids (float16, little-endian, rows in the order of ``clusters``), sent on
-    # some snapshots only (when the ids change, and every few snapshots): the report assigns its
-    # map sample to the final clusters with them.  Empty when not sent.
+    # centroids (float16, little-endian, one row per id in ``centroid_ids``) of some clusters: all of
+    # them every few snapshots, and in between only those created since (a split's two children),
+    # so a reader that keeps the latest row per id knows every cluster's centroid.  The report
+    # assigns its map sample to the final clusters with them.  Empty when none is sent.
+    centroid_ids: list[int] = Field(default_factory=list)
     centroids_b64: str = ""
     centroid_dim: int = 0
 
     def event_id(self) -> str:
         return f"{self.experiment_id}:snapshot:{self.seq}"
 
-    def centroids(self) -> np.ndarray | None:
-        """(k, centroid_dim) float32 aligned with ``clusters``; None when not sent or inconsistent."""
-        if not self.centroids_b64 or self.centroid_dim < 1:
-            return None
-        try:
-            flat = np.frombuffer(base64.b64decode(self.centroids_b64), dtype=np.dtype("float16").newbyteorder("<"))
-        except ValueError:
-            return None
-        if flat.size != len(self.clusters) * self.centroid_dim or not np.isfinite(flat).all():
-            return None
-        return flat.astype(np.float32).reshape(len(self.clusters), self.centroid_dim)
+    def centroids(self) -> dict[int, np.ndarray]:
+        """Cluster id -> float32 centroid for the rows this snapshot carries ({} when none or malformed)."""
+        return decode_centroids(self.centroid_ids, self.centroids_b64, self.centroid_dim)
+
+
+def decode_centroids(ids: list[int], b64: str, dim: int) -> dict[int, np.ndarray]:
+    """Id -> float32 row of a snapshot's float16 centroid block; {} unless ids, bytes and dim agree."""
+    if not b64 or dim < 1 or not ids:
+        return {}
+    try:
+        flat = np.frombuffer(base64.b64decode(b64), dtype=np.dtype("float16").newbyteorder("<"))
+    except ValueError:
+        return {}
+    if flat.size != len(ids) * dim or not np.isfinite(flat).all():
+        return {}
+    return dict(zip(ids, flat.astype(np.float32).reshape(len(ids), dim), strict=True))
 
 
 class TextRef(BaseModel):

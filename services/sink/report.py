@@ -29,6 +29,7 @@ from services.sink.formatting import (
     fmt_pp,
 )
 from services.sink.report_examples import examples_html
+from services.sink.report_examples import side_badge as _side
 from services.sink.report_map import (
     MAP_CSS,
     MAP_JS,
@@ -82,11 +83,6 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: set[i
         cells = "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(r))
         body.append(f"<tr{rid}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _side(role: Any) -> str:
-    r = escape(str(role or "?"))
-    return f"<span class='side {r}'>{r}</span>"
 
 
 def _decision(d: Any) -> str:
@@ -188,14 +184,15 @@ def _finding_detail(view: RunView, f: Finding) -> str:
              f"</summary><p class='muted'>labeler {escape(str(r.get('labeler') or DASH))} · keywords {escape(kw)}"
              f" · tier path {escape(str(r.get('tier_path') or DASH))} · hypothesis {escape(f.hypothesis_id[:12])}</p>",
              _tiers_html(view, r)]
-    cand = view.candidates.get(str(r.get("candidate_id")))
-    counts = cluster_counts_line(cand, view.totals_by_seq)
+    def counts(row: Mapping[str, Any]) -> str:
+        return cluster_counts_line(view.candidates.get(str(row.get("candidate_id"))), view.totals_by_seq)
+
     for ev in f.evidence:
         parts.append(f"<div class='evid'><b>Share statement</b> (evidence, not a finding; "
                      f"{_decision(ev.get('decision'))}, p = {fmt_p(ev.get('p_value'))}, e = {fmt_e(ev.get('e_value'))})"
-                     f": {escape(str(ev.get('text')))}<br><span class='muted'>{escape(counts)}</span></div>")
-    if not f.evidence and counts:
-        parts.append(f"<div class='evid muted'>{escape(counts)}</div>")
+                     f": {escape(str(ev.get('text')))}<br><span class='muted'>{escape(counts(ev))}</span></div>")
+    if not f.evidence and counts(r):
+        parts.append(f"<div class='evid muted'>{escape(counts(r))}</div>")
     for m in f.mirrors:
         parts.append(f"<div class='evid'><b>Mirror</b> (the same difference seen from the other side): "
                      f"{_side(m.get('direction'))}{escape(str(m.get('text')))} <span class='muted'>cluster "

@@ -20,7 +20,7 @@ from services.sink.run_view import RunView, TextRow
 EXAMPLES = 3
 
 
-def _side(role: Any) -> str:
+def side_badge(role: Any) -> str:
     r = escape(str(role or "?"))
     return f"<span class='side {r}'>{r}</span>"
 
@@ -97,7 +97,7 @@ def examples_html(view: RunView, row: Mapping[str, Any]) -> str:
         note = "" if contrast is None or same_prompt else "<br><span class='muted'>(another prompt)</span>"
         rows.append([f"<span class='prompt'>{escape(prompt[:200])}</span>", _highlight(mine.text, kw),
                      (_highlight(contrast.text, kw) if contrast else DASH) + note])
-    return ("<table class='ex'><thead><tr><th>prompt</th><th>" + _side(side) + "held out, this cluster</th><th>"
-            + _side(other) + "same prompt</th></tr></thead><tbody>"
+    return ("<table class='ex'><thead><tr><th>prompt</th><th>" + side_badge(side) + "held out, this cluster</th><th>"
+            + side_badge(other) + "same prompt</th></tr></thead><tbody>"
             + "".join(f"<tr><td class='prompt'>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
             + "</tbody></table>")

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from services.core.events import ClusterSnapshot
+from services.core.events import ClusterSnapshot, decode_centroids
 
 log = logging.getLogger("autointerv.sink")
 
@@ -128,13 +128,13 @@ def load_map_sample(path: Path) -> tuple[list[str], list[str], np.ndarray, dict[
             np.asarray(flat, dtype=np.float32).reshape(n, dim), meta)
 
 
-def _snapshots(path: Path) -> tuple[ClusterSnapshot | None, ClusterSnapshot | None, dict[int, tuple[int, int]],
+def _snapshots(path: Path) -> tuple[ClusterSnapshot | None, dict[int, np.ndarray], dict[int, tuple[int, int]],
                                     dict[int, int]]:
-    """(latest snapshot, latest one carrying centroids, totals per seq, lineage over every snapshot)."""
+    """(latest snapshot, the latest centroid of each cluster, totals per seq, lineage of every split)."""
     totals: dict[int, tuple[int, int]] = {}
     lineage: dict[int, int] = {}
     latest: dict[str, Any] | None = None
-    with_centroids: dict[str, Any] | None = None
+    carrying: list[tuple[int, dict[str, Any]]] = []
     for obj in iter_jsonl(path):
         seq = int(obj.get("seq", -1))
         if seq in totals:
@@ -147,11 +147,13 @@ def _snapshots(path: Path) -> tuple[ClusterSnapshot | None, ClusterSnapshot | No
             lineage[int(child)] = int(parent)
         if latest is None or seq > int(latest["seq"]):
             latest = obj
-        if obj.get("centroids_b64") and (with_centroids is None or seq > int(with_centroids["seq"])):
-            with_centroids = obj
-    parse = ClusterSnapshot.model_validate
-    return (parse(latest) if latest else None, parse(with_centroids) if with_centroids else None, totals,
-            lineage)
+        if obj.get("centroids_b64"):
+            carrying.append((seq, {k: obj.get(k) for k in ("centroid_ids", "centroids_b64", "centroid_dim")}))
+    centroids: dict[int, np.ndarray] = {}
+    for _, f in sorted(carrying, key=lambda x: x[0]):  # a later row of an id replaces an earlier one
+        centroids.update(decode_centroids([int(i) for i in f["centroid_ids"] or []], str(f["centroids_b64"]),
+                                          int(f["centroid_dim"] or 0)))
+    return (ClusterSnapshot.model_validate(latest) if latest else None), centroids, totals, lineage
 
 
 def _read_texts(path: Path, column: str, values: set[str]) -> list[TextRow]:
@@ -190,38 +192,28 @@ def _project(vectors: np.ndarray) -> np.ndarray:
     return np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
 
 
-def _assign(vectors: np.ndarray, snap: ClusterSnapshot | None, view: RunView) -> tuple[list[int | None], str]:
-    """Each sample text's final cluster: its nearest centroid (L2, as the clusterer assigns), in
-    the latest snapshot that carried centroids, followed through later splits when it has one
-    surviving descendant."""
-    cents = snap.centroids() if snap is not None else None
-    if cents is None or cents.shape[1] != vectors.shape[1]:
+def _assign(vectors: np.ndarray, centroids: Mapping[int, np.ndarray], view: RunView) -> tuple[list[int | None], str]:
+    """Each sample text's final cluster: its nearest centroid (L2, as the clusterer assigns) among
+    the final snapshot's clusters, each at the latest centroid a snapshot carried for it."""
+    ids = sorted(c for c in view.final_ids if c in centroids and centroids[c].shape[0] == vectors.shape[1])
+    if not ids:
         return [None] * len(vectors), "not recorded (the run's snapshots carry no centroids)"
-    ids = np.asarray([c.cluster_id for c in snap.clusters])  # type: ignore[union-attr]
+    cents = np.stack([centroids[c] for c in ids])
     d2 = (vectors ** 2).sum(1)[:, None] - 2 * vectors @ cents.T + (cents ** 2).sum(1)[None, :]
-    nearest = ids[np.argmin(d2, axis=1)].tolist()
-    final = view.final_ids
-    resolved: dict[int, int | None] = {}
-    for cid in set(nearest):
-        if cid in final:
-            resolved[cid] = cid
-        else:
-            desc = view.final_descendants(cid)
-            resolved[cid] = desc[0] if len(desc) == 1 else None
-    how = f"nearest centroid of snapshot {snap.seq}"  # type: ignore[union-attr]
-    if view.snapshot is not None and snap.seq != view.snapshot.seq:  # type: ignore[union-attr]
-        how += f" (the latest is {view.snapshot.seq}; its ids are the same unless noted)"
-    return [resolved[c] for c in nearest], how
+    nearest = np.asarray(ids)[np.argmin(d2, axis=1)].tolist()
+    missing = len(view.final_ids) - len(ids)
+    how = "nearest centroid among the final clusters"
+    return nearest, how + (f"; {missing} cluster(s) without a recorded centroid left out" if missing else "")
 
 
-def load_sample(view: RunView, centroid_snap: ClusterSnapshot | None) -> MapSample | None:
+def load_sample(view: RunView, centroids: Mapping[int, np.ndarray]) -> MapSample | None:
     path = view.run_dir / "map_sample.parquet"
     if not path.exists():
         return None
     ids, roles, vectors, _ = load_map_sample(path)
     if len(ids) < 3:
         return None
-    clusters, how = _assign(vectors, centroid_snap, view)
+    clusters, how = _assign(vectors, centroids, view)
     return MapSample(ids, roles, _project(vectors), clusters, how)
 
 
@@ -233,7 +225,7 @@ def load_run_view(run_dir: str | Path) -> RunView:
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     summary = orjson.loads(summary_path.read_bytes()) if summary_path.exists() else {}
-    latest, with_centroids, totals, lineage = _snapshots(run_dir / "snapshots.jsonl")
+    latest, centroids, totals, lineage = _snapshots(run_dir / "snapshots.jsonl")
     validations: dict[str, list[dict[str, Any]]] = {}
     for v in iter_jsonl(run_dir / "validations.jsonl"):
         v.pop("hypothesis", None)  # a copy of the hypothesis travels along; not needed here
@@ -247,7 +239,7 @@ def load_run_view(run_dir: str | Path) -> RunView:
         hypotheses={str(h.get("hypothesis_id")): h for h in iter_jsonl(run_dir / "hypotheses.jsonl")},
         validations=validations)
     try:
-        view.sample = load_sample(view, with_centroids)
+        view.sample = load_sample(view, centroids)
     except Exception:  # the map must never cost the run its report
         log.exception("the map sample could not be read")
     texts_path = run_dir / "texts.parquet"
