@@ -113,9 +113,10 @@ def _test_cell(row: Mapping[str, Any]) -> str:
 
 def _share_evidence(f: Finding) -> str:
     if not f.evidence:
-        return f"<span class='muted'>e = {fmt_e(f.row.get('e_value'))}</span>" if f.row.get("e_value") else DASH
+        return f"<span class='muted nw'>e = {fmt_e(f.row.get('e_value'))}</span>" if f.row.get("e_value") else DASH
     ev = f.evidence[0]
-    return f"e = {fmt_e(ev.get('e_value') or f.row.get('e_value'))}<br>{_decision(ev.get('decision'))}"
+    return (f"<span class='nw'>e = {fmt_e(ev.get('e_value') or f.row.get('e_value'))}</span>"
+            f"<br>{_decision(ev.get('decision'))}")
 
 
 def _difference(view: RunView, row: Mapping[str, Any]) -> str:
