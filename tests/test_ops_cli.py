@@ -51,10 +51,11 @@ def test_report_table_fits_80_columns_and_keeps_every_number():
     lines = _lines(console)
     assert max(len(line) for line in lines) <= 80
     text = "\n".join(lines)
-    for needle in ("0.123 [0.050, 0.200]", "0.810 [0.720, 0.900]", "1.2e-05", "0.0031", "embedding", "keyword",
-                   "intervention", "validated", "rejected"):
+    # one row per finding (the rejected hypothesis is counted under the table, not listed as one)
+    for needle in ("Findings: 1", "mentions the moon", "in the last", "+12.3 pp", "[+5.0,+20.0]", "0.81", "1.2e-5",
+                   "1 rejected"):
         assert needle in text, needle
-    assert text.index("validated") < text.index("rejected")
+    assert "short" not in text
 
 
 def _run_dir(tmp_path: Path) -> Path:

@@ -264,8 +264,8 @@ def _check_run(run_dir: Path, exp: str) -> None:
 
     html = (run_dir / "report.html").read_text()
     assert "Mentions cats &amp; kittens &lt;often&gt;" in html and "<often>" not in html
-    assert '<img alt="plot" src="data:image/png;base64,' in html
-    assert html.count("data:image/png;base64,") == 2  # the map and the cluster chart
+    assert html.count("<circle class=\"pt ") == 13  # the map: every embedded text (13 < the sample size)
+    assert html.count("<tr class='finding'") == 1  # h1 is the one finding; h3 is pending, h2 rejected
     assert not re.search(r"(src|href)\s*=\s*[\"']?\s*https?:", html) and "url(http" not in html
     assert "intervention text 2 about cats" in html  # a held-out example whose text came from texts.parquet
 
@@ -349,7 +349,7 @@ def test_reservoir_is_bounded_and_persists(tmp_path: Path) -> None:
     assert np.array_equal(np.stack(back.vectors), np.stack(res.vectors))
 
 
-def test_render_table_orders_validated_first_and_escapes_markup() -> None:
+def test_render_table_lists_findings_only_and_escapes_markup() -> None:
     rows = [
         {"decision": "rejected", "direction": "base", "text": "rejected one", "p_value": 0.5},
         {"decision": "validated", "direction": "intervention", "text": "uses [bold]brackets[/bold]",
@@ -359,8 +359,8 @@ def test_render_table_orders_validated_first_and_escapes_markup() -> None:
     buf = io.StringIO()
     render_table(rows, Console(file=buf, width=200, color_system=None))
     out = buf.getvalue()
-    assert out.index("validated") < out.index("rejected")
-    assert "[bold]brackets[/bold]" in out and "0.800 [0.700, 0.900]" in out
+    assert "rejected one" not in out and "1 rejected" in out  # counted under the table, not a row
+    assert "[bold]brackets[/bold]" in out and "+10.0 pp" in out and "0.80" in out
 
 
 def test_finalize_of_an_empty_run_and_without_ground_truth(tmp_path: Path) -> None:
@@ -368,7 +368,7 @@ def test_finalize_of_an_empty_run_and_without_ground_truth(tmp_path: Path) -> No
     RunWriter(empty).open("x: 1\n")
     final = finalize_run(empty, alpha=0.05)
     assert final.summary["texts"]["total"] == 0 and final.summary["ground_truth"] is None
-    assert load_results(empty).empty and "No hypothesis was validated" in (empty / "report.html").read_text()
+    assert load_results(empty).empty and "No mode finding" in (empty / "report.html").read_text()
 
     run = tmp_path / "runs" / "scripted"
     w = RunWriter(run)

@@ -63,6 +63,10 @@ STATE_VERSION = 1
 ROLE_CODE = {"base": 0, "intervention": 1}
 MIN_SPLIT_MEMBERS = 8
 MAX_LOG_E = 700.0  # exp() of more overflows a float; such evidence is decisive anyway
+# every CENTROIDS_EVERY-th snapshot carries all centroids (unless k * dim exceeds CENTROIDS_MAX_VALUES:
+# a snapshot stays well under the broker's 1 MB); the ones between carry only new clusters' centroids
+CENTROIDS_EVERY = 20
+CENTROIDS_MAX_VALUES = 262_144
 
 
 @dataclass
@@ -181,6 +185,8 @@ class ClusterState:
         self._prev_centroids: np.ndarray | None = None
         self._prev_ids: np.ndarray | None = None
         self._pca: np.ndarray | None = None
+        self._centroids_sent: set[int] = set()  # ids whose centroid a snapshot carried
+        self._centroids_full_seq: int | None = None  # seq of the last snapshot carrying all of them
 
     # ================================================================== ingest
     def ingest(self, items: list[EmbeddedText]) -> IngestResult:
@@ -513,6 +519,7 @@ class ClusterState:
                 k, m = int(view.own[row, 1]), int(n[row])
                 clusters.append(ClusterStats(
                     cluster_id=cid, count_base=int(tot[0]), count_intervention=int(tot[1]),
+                    own_base=int(view.own[row, 0]), own_intervention=k,
                     share_intervention=k / m if m else 0.5,
                     share_ci=confidence_sequence_bernoulli(k, m, self.alpha),
                     e_value=math.exp(min(float(log_e[row]), MAX_LOG_E)),
@@ -530,7 +537,27 @@ class ClusterState:
             experiment_id=self.experiment_id, seq=self.seq,
             n_seen=int(self.role_totals.sum()), n_base=int(self.role_totals[0]),
             n_intervention=int(self.role_totals[1]), engine=self.engine.name, clusters=clusters,
-            quality=quality if quality is not None else ClusterQuality())
+            quality=quality if quality is not None else ClusterQuality(),
+            lineage={c: p for c, p in self.engine.parents.items() if p is not None},
+            **self._centroid_fields(ids, centroids))
+
+    def _centroid_fields(self, ids: list[int], centroids: np.ndarray) -> dict[str, Any]:
+        """All centroids every CENTROIDS_EVERY snapshots, else those of clusters created since any
+        was sent (a split's children): a few KB instead of the bulk of every snapshot.  At most
+        CENTROIDS_MAX_VALUES values per snapshot; the rest follow in the next ones."""
+        if not ids:
+            return {}
+        if self._centroids_full_seq is None or self.seq - self._centroids_full_seq >= CENTROIDS_EVERY:
+            rows = list(range(len(ids)))
+            self._centroids_full_seq = self.seq
+        else:
+            rows = [i for i, c in enumerate(ids) if c not in self._centroids_sent]
+        rows = rows[:max(1, CENTROIDS_MAX_VALUES // max(1, centroids.shape[1]))]
+        if not rows:
+            return {}
+        self._centroids_sent.update(ids[i] for i in rows)
+        return {"centroid_ids": [int(ids[i]) for i in rows], "centroid_dim": int(centroids.shape[1]),
+                "centroids_b64": EmbeddedText.encode_vector(centroids[rows].ravel(), "float16")}
 
     # ================================================================== small queries
     @property

@@ -1,88 +1,78 @@
-"""The hypotheses table for the terminal (rich) and for pandas."""
+"""The findings table for the terminal (rich) and the results as a pandas DataFrame.
+
+One row per finding (:mod:`services.sink.findings`): share statements, mirrors and rejected
+hypotheses are counted under the table, not listed as rows.  Fits an 80-column terminal: the
+finding column takes what the numbers leave and wraps; the offline labeler's quoted example is
+left out here (report.html and results.jsonl have it).
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import orjson
 import pandas as pd
-from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from services.sink.writer import DECISION_ORDER, RESULT_SCHEMA
-
-WIDE_TABLE_COLUMNS = 120  # narrower consoles get the stacked layout (_narrow_table)
-STYLES: Mapping[str, str] = MappingProxyType({"validated": "bold green", "rejected": "red",
-                                              "pending": "yellow"})
+from services.sink.findings import Finding, group_rows, paired_value
+from services.sink.formatting import DASH, finite, fmt_num, fmt_p, fmt_pp
+from services.sink.writer import RESULT_SCHEMA
 
 
-def _f(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    if 0 < abs(x) < 10 ** -digits:
-        return f"{x:.1e}"
-    return f"{x:.{digits}f}"
+def claim(text: str) -> str:
+    """The description without the offline labeler's 'Typical: “…”' example."""
+    return text.partition(" Typical: ")[0].strip()
 
 
-def _ci(x: Any, lo: Any, hi: Any) -> str:
-    return "–" if x is None else f"{_f(x)} [{_f(lo)}, {_f(hi)}]"
+def _effect(f: Finding) -> str:
+    r = f.row
+    if f.kind == "paired":
+        eff, lo, hi = (paired_value(r, k) for k in ("effect", "lo", "hi"))
+        if eff is None:
+            return DASH
+        return fmt_num(eff) + (f"\n[{fmt_num(lo)},{fmt_num(hi)}]" if lo is not None and hi is not None else "")
+    d, lo, hi = finite(r.get("share_diff")), finite(r.get("share_diff_lo")), finite(r.get("share_diff_hi"))
+    if d is None:
+        return DASH
+    return fmt_pp(d) + (f"\n[{100 * lo:+.1f},{100 * hi:+.1f}]" if lo is not None and hi is not None else "")
 
 
-def render_table(results_rows: Iterable[Mapping[str, Any]], console: Console,
-                 title: str = "Hypotheses") -> None:
-    """Print the hypotheses, validated first (then pending, then rejected; by p-value within)."""
-    rows = sorted(results_rows, key=lambda r: (DECISION_ORDER.get(r.get("decision", ""), 3),
-                                               1.0 if r.get("p_value") is None else r["p_value"]))
-    if not rows:
-        console.print(f"[bold]{title}[/]: none proposed.")
+def render_table(results_rows: Iterable[Mapping[str, Any]], console: Console, title: str = "Findings") -> None:
+    """Print one row per finding (mode findings, then paired), then what else was decided."""
+    g = group_rows(results_rows)
+    n_mode, n_paired = len(g.of_kind("mode")), len(g.of_kind("paired"))
+    n_rej = sum(1 for r in g.not_validated if r.get("decision") == "rejected")
+    n_mirrors = sum(len(f.mirrors) for f in g.findings)
+    tail = (f"Not counted as findings: {len(g.share_statements)} share statement(s) (evidence beside a finding)"
+            f", {n_mirrors} mirror(s), {n_rej} rejected and {len(g.not_validated) - n_rej} pending hypothesis(es)."
+            " Effect: share difference in percentage points (mode), P(side's answer > partner's) (paired)."
+            " Details: report.html, results.jsonl.")
+    if not g.findings:
+        console.print(f"[bold]{title}[/]: none validated on held-out texts.")
+        console.print(Text(tail, style="dim"))
         return
-    if console.width < WIDE_TABLE_COLUMNS:
-        console.print(_narrow_table(rows, title))
-        return
-    table = Table(title=title, show_lines=False, expand=False)
-    table.add_column("#", justify="right")
-    table.add_column("decision", min_width=9, no_wrap=True)
-    table.add_column("side", min_width=4, no_wrap=True)
-    table.add_column("hypothesis", overflow="fold", ratio=1, min_width=24)
-    table.add_column("share Δ [CI]", justify="right")
-    table.add_column("AUC [CI]", justify="right")
-    table.add_column("p", justify="right")
-    table.add_column("q", justify="right")
-    table.add_column("tier")
-    for i, r in enumerate(rows, 1):
-        dec = str(r.get("decision", ""))
-        table.add_row(
-            str(i), f"[{STYLES.get(dec, '')}]{dec}[/]" if dec in STYLES else dec, str(r.get("direction", "")),
-            Text(str(r.get("text", ""))),  # never parsed as rich markup
-            _ci(r.get("share_diff"), r.get("share_diff_lo"), r.get("share_diff_hi")),
-            _ci(r.get("auc"), r.get("auc_lo"), r.get("auc_hi")),
-            _f(r.get("p_value"), 4), _f(r.get("q_value"), 4), str(r.get("tier") or "–"),
-        )
+    table = Table(title=f"{title}: {len(g.findings)} ({n_mode} mode, {n_paired} paired)", expand=False,
+                  title_justify="left")
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("finding", overflow="fold", ratio=1, min_width=20)
+    table.add_column("effect", justify="right", no_wrap=True)
+    table.add_column("AUC", justify="right", no_wrap=True)
+    table.add_column("p", justify="right", no_wrap=True)
+    for f in g.findings:
+        r = f.row
+        words = claim(str(r.get("text", "")))
+        if f.kind == "paired":
+            words = "[paired] " + words
+        if f.mirrors:
+            words += f" (+{len(f.mirrors)} mirror)"
+        table.add_row(str(f.number), Text(words),  # never parsed as rich markup
+                      _effect(f), fmt_num(r.get("auc")), fmt_p(r.get("p_value")))
     console.print(table)
-
-
-def _narrow_table(rows: list[Mapping[str, Any]], title: str) -> Table:
-    """Below ``WIDE_TABLE_COLUMNS`` (an 80-column terminal): the numbers go on a line under each
-    hypothesis instead of into columns of their own, which a narrow terminal squeezed to nothing."""
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_lines=True)
-    table.add_column("#", justify="right")
-    table.add_column("decision", no_wrap=True)
-    table.add_column("hypothesis, side, evidence", overflow="fold", ratio=1)
-    for i, r in enumerate(rows, 1):
-        dec = str(r.get("decision", ""))
-        cell = Text(str(r.get("text", "")))  # never parsed as rich markup
-        cell.append(f"\nshare Δ {_ci(r.get('share_diff'), r.get('share_diff_lo'), r.get('share_diff_hi'))}  "
-                    f"AUC {_ci(r.get('auc'), r.get('auc_lo'), r.get('auc_hi'))}\n{r.get('direction', '')}  "
-                    f"p {_f(r.get('p_value'), 4)}  q {_f(r.get('q_value'), 4)}  tier {r.get('tier') or '–'}",
-                    style="dim")
-        table.add_row(str(i), f"[{STYLES.get(dec, '')}]{dec}[/]" if dec in STYLES else dec, cell)
-    return table
+    console.print(Text(tail, style="dim"))
 
 
 def load_results(run_dir: str | Path) -> pd.DataFrame:

@@ -47,6 +47,7 @@ from services.core.events import (
     UncertaintyEvent,
     Validation,
 )
+from services.sink.run_view import load_map_sample
 from services.stats.fdr import benjamini_hochberg
 from services.stats.sequential import newcombe_diff_interval
 
@@ -367,19 +368,6 @@ class VectorReservoir:
 
 def _materialise(vector: np.ndarray | Callable[[], np.ndarray]) -> np.ndarray:
     return np.asarray(vector() if callable(vector) else vector, dtype=np.float32)
-
-
-def load_map_sample(path: Path) -> tuple[list[str], list[str], np.ndarray, dict[str, str]]:
-    """(text ids, roles, vectors [n, dim], metadata) of a saved reservoir."""
-    table = pq.read_table(path)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    n = table.num_rows
-    dim = int(meta.get("dim", "0") or 0)
-    if n == 0 or dim == 0:
-        return [], [], np.zeros((0, 0), dtype=np.float32), meta
-    flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return (table.column("text_id").to_pylist(), table.column("role").to_pylist(),
-            np.asarray(flat, dtype=np.float32).reshape(n, dim), meta)
 
 
 # --------------------------------------------------------------------------- the writer
@@ -885,8 +873,8 @@ def finalize_run(run_dir: Path, alpha: float, experiment_id: str | None = None,
     write_json(run_dir / "summary.json", summary)
     final = FinalRun(run_dir, summary, rows, state, texts)
     if render:
-        from services.sink.report import write_report  # matplotlib is imported only when rendering
+        from services.sink.report import write_report  # reads the files just written
 
-        write_report(final)
+        write_report(run_dir)
     update_latest_link(run_dir.parent, run_dir.name)
     return final
