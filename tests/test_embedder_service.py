@@ -104,7 +104,8 @@ async def _start(*services: EmbedderService) -> list[asyncio.Task[None]]:
     tasks = [asyncio.create_task(s.run()) for s in services]
     deadline = time.monotonic() + 60
     while True:
-        parts = [len(s._consumer.assignment()) if s._consumer else 0 for s in services]
+        texts = services[0].ctx.topics.name(DecodedText.topic)  # (each also reads the control topic)
+        parts = [sum(tp.topic == texts for tp in s._consumer.assignment()) if s._consumer else 0 for s in services]
         if all(parts) and sum(parts) == PARTITIONS:
             return tasks
         assert time.monotonic() < deadline and not any(t.done() for t in tasks), f"assignment {parts}"
