@@ -51,7 +51,6 @@ async def test_hf_counts_ids_and_sample_indices(tiny_lm: Path) -> None:
         per_prompt.setdefault(g.prompt_id, []).append(g.sample_index)
         assert isinstance(g.text, str) and 0 <= g.n_tokens <= SAMPLE.max_new_tokens
     assert {k: sorted(v) for k, v in per_prompt.items()} == {"a": [0, 1, 2], "b": [0, 1], "c": [0, 1, 2, 3]}
-    assert res.prompt_tokens > 0
 
 
 async def test_hf_left_padding_matches_unbatched_greedy(tiny_lm: Path) -> None:
@@ -272,7 +271,6 @@ async def test_openai_completions_success(server_factory: Callable[..., Any],
     assert headers["Authorization"] == "Bearer sk-test-123"
     assert sorted((g.sample_index, g.text) for g in res.texts) == [(0, "text0"), (1, "text1"), (2, "text2")]
     assert sum(g.n_tokens for g in res.texts) == 12  # usage total shared among the 3 choices
-    assert res.prompt_tokens == 5
     assert b.stats == {"ok": 1, "retried_429": 0, "retried_5xx": 0, "retried_timeout": 0,
                        "retried_connect": 0, "failed": 0}
 

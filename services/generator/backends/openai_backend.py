@@ -161,8 +161,8 @@ class OpenAIBackend(GenerationBackend):
             payload["logprobs"] = 0  # log-probs of the sampled tokens only
         return "completions", payload
 
-    def _parse(self, data: dict[str, Any], path: str) -> tuple[list[tuple[str, int, dict[str, Any]]], int]:
-        """(text, n_tokens, meta) per choice, and the prompt tokens; GenerationError when malformed."""
+    def _parse(self, data: dict[str, Any], path: str) -> list[tuple[str, int, dict[str, Any]]]:
+        """(text, n_tokens, meta) per choice; GenerationError when malformed."""
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices:
             raise GenerationError(f"response from {path} has no choices")
@@ -189,8 +189,7 @@ class OpenAIBackend(GenerationBackend):
             elif estimated:
                 meta["n_tokens_estimated"] = True
             out.append((text, n_tok, meta))
-        prompt_tokens = usage.get("prompt_tokens")
-        return out, prompt_tokens if isinstance(prompt_tokens, int) else 0
+        return out
 
     def _choice_text(self, c: Any) -> Any:
         if not isinstance(c, dict):
@@ -210,23 +209,21 @@ class OpenAIBackend(GenerationBackend):
         values = lp.get("token_logprobs")
         return [float(v) for v in values if v is not None] if isinstance(values, list) else None
 
-    async def _run_task(self, task: GenerationTask) -> tuple[list[Generated], int]:
+    async def _run_task(self, task: GenerationTask) -> list[Generated]:
         """All ``task.n`` samples, asking again for the rest when a server ignores ``n``."""
         got: list[Generated] = []
-        prompt_tokens = 0
         for round_ in range(task.n):
             want = task.n - len(got)
             seed = task.seed if round_ == 0 else int(stable_id("round-seed", task.seed, round_)[:7], 16)
             path, payload = self._payload(task, want, seed)
             data = await self._post(path, payload)
-            parsed, pt = self._parse(data, path)
+            parsed = self._parse(data, path)
             self.stats["ok"] += 1  # a request that yielded usable choices
-            prompt_tokens += pt
             for text, n_tok, meta in parsed[:want]:
                 got.append(Generated(task.prompt_id, len(got), text, n_tok, {**task.meta, **meta}))
             if len(got) == task.n:
                 break
-        return got, prompt_tokens
+        return got
 
     async def generate(self, tasks: list[GenerationTask]) -> BatchResult:
         results = await asyncio.gather(*(self._run_task(t) for t in tasks), return_exceptions=True)
@@ -239,8 +236,7 @@ class OpenAIBackend(GenerationBackend):
             elif isinstance(res, BaseException):
                 raise res  # a bug or a cancellation, not a server outcome
             else:
-                out.texts.extend(res[0])
-                out.prompt_tokens += res[1]
+                out.texts.extend(res)
         return out
 
     async def aclose(self) -> None:
