@@ -52,7 +52,7 @@ from services.harness import Cascade, HarnessResult, arun_experiment, sim_config
 from services.hypothesizer.offline import describe
 from services.hypothesizer.service import KEYWORDS_PER_LABEL as KEYWORDS
 from services.hypothesizer.service import other_role
-from services.llm.client import estimate_tokens
+from services.llm.contract import estimate_tokens
 from services.llm.prompts import score_text_prompt
 from services.validator.tiers import split_holdout
 

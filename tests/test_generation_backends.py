@@ -14,12 +14,13 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from retry_cases import JITTER_S, RETRY_AFTER_CASES, RetryAfterCase
 
 from services.core.config import GeneratorConfig, ModelConfig
 from services.generator.backends.base import DecodingParams, GenerationTask
 from services.generator.backends.openai_backend import OpenAIBackend, split_tokens
 from services.generator.backends.transformers_backend import TransformersBackend, build_tiny_random_lm
-from services.llm.providers import parse_retry_after
+from services.llm.retry import parse_retry_after
 
 GREEDY = DecodingParams(temperature=0.0, max_new_tokens=6)
 SAMPLE = DecodingParams(temperature=1.0, max_new_tokens=6, no_repeat_ngram_size=2)
@@ -298,6 +299,24 @@ async def test_openai_429_then_success_honours_retry_after(server_factory: Calla
     assert len(srv.requests) == 2
     assert b.stats["retried_429"] == 1 and b.stats["ok"] == 1 and b.stats["failed"] == 0
     assert sleeper.delays and sleeper.delays[0] >= 3.0  # waited at least what the server asked
+
+
+@pytest.mark.parametrize("case", RETRY_AFTER_CASES, ids=lambda c: c.id)
+async def test_openai_retry_after_cases_of_the_shared_policy(server_factory: Callable[..., Any],
+                                                             case: RetryAfterCase) -> None:
+    """The same cases as the LLM client's test: one failure, one wait, then the texts."""
+    srv = await server_factory(("status", case.status, case.headers()), ("ok",))
+    sleeper = SleepRecorder()
+    cfg = ModelConfig(backend="openai", model="served-model", base_url=srv.url)
+    b = OpenAIBackend(cfg, GeneratorConfig(), "intervention", backoff_base_s=JITTER_S, backoff_cap_s=JITTER_S,
+                      sleep=sleeper)
+    res = await b.generate([task("p", "x", 2)])
+    await b.aclose()
+    assert len(res.texts) == 2 and not res.failures and len(srv.requests) == 2
+    [wait] = sleeper.delays
+    assert case.low <= wait <= case.high
+    kind = "429" if case.status == 429 else "5xx"
+    assert b.stats[f"retried_{kind}"] == 1 and b.stats["ok"] == 1
 
 
 async def test_openai_5xx_until_failure(server_factory: Callable[..., Any]) -> None:

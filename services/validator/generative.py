@@ -42,7 +42,8 @@ from typing import Literal
 from services.core.config import Config, ConfigError, LLMConfig, ModelsConfig, TierConfig
 from services.core.events import Hypothesis, TextRef
 from services.generator.backends.transformers_backend import TransformersBackend
-from services.llm.client import BudgetExceeded, BudgetUnavailable, LLMClient, LLMError
+from services.llm.client import LLMClient
+from services.llm.errors import BudgetExceeded, BudgetUnavailable, LLMError
 from services.llm.parsing import parse_json_array
 from services.llm.prompts import generative_prompt
 from services.validator.tiers import Tier, TierScores

@@ -112,7 +112,7 @@ class LLMTier(Tier):
         self.client = client
 
     async def score(self, h: Hypothesis, pos: list[TextRef], neg: list[TextRef]) -> TierScores:
-        from services.llm.client import LLMError
+        from services.llm.errors import LLMError
         from services.llm.parsing import parse_score
         from services.llm.prompts import score_text_prompt
 
