@@ -48,12 +48,12 @@ from services.harness import Cascade, HarnessResult, arun_experiment, sim_config
 
 from services.core.config import Config, EmbedderConfig, LLMConfig, TierConfig
 from services.core.events import DecodedText, Hypothesis, TextRef
-from services.embedder.encoder import Encoder
+from services.embedder.encoder import Encoder, normalise_text
 from services.embedder.hashing import HashingEncoder
 from services.hypothesizer.offline import describe
 from services.hypothesizer.service import KEYWORDS_PER_LABEL as KEYWORDS
 from services.hypothesizer.service import other_role
-from services.llm.client import estimate_tokens
+from services.llm.contract import estimate_tokens
 from services.llm.prompts import score_text_prompt
 from services.validator.tiers import split_holdout
 
@@ -67,9 +67,12 @@ class MemoEncoder:
         self.memo: dict[str, np.ndarray] = {}
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        return self.encode_normalised([normalise_text(t, self.max_chars) for t in texts])
+
+    def encode_normalised(self, texts: list[str]) -> np.ndarray:
         todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
         if todo:
-            self.memo.update(zip(todo, self.inner.encode(todo), strict=True))
+            self.memo.update(zip(todo, self.inner.encode_normalised(todo), strict=True))
         return np.stack([self.memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
 
 

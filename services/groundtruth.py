@@ -30,8 +30,9 @@ import numpy as np
 from services.core.config import Config, PlantedBehaviour
 from services.core.events import Hypothesis
 from services.embedder.encoder import Encoder
-from services.llm.client import LLMClient, LLMError
-from services.llm.parsing import ParseError, parse_json_object
+from services.llm.client import LLMClient
+from services.llm.errors import LLMError, ParseError
+from services.llm.parsing import parse_json_object
 from services.llm.prompts import ground_truth_prompt
 
 log = logging.getLogger("autointerv.groundtruth")

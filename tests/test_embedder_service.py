@@ -16,14 +16,18 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from service_helpers import offline_context, running
 
 from services.core.bus import Producer, Topics, ensure_topics
 from services.core.config import Config, load_config
-from services.core.events import DeadLetter, DecodedText, EmbeddedText, Envelope
+from services.core.events import DeadLetter, DecodedText, EmbeddedText, Envelope, Event
 from services.core.infra import EmbeddedCache, free_port
 from services.core.metrics import Metrics
-from services.core.runtime import ServiceContext
+from services.core.runtime import Incoming, ServiceContext
 from services.embedder import EmbedderService
+from services.embedder import cache as cache_module
+from services.embedder import encoder as encoder_module
+from services.embedder import hashing as hashing_module
 from services.embedder.cache import connect
 from services.embedder.encoder import normalise_text
 from services.embedder.hashing import HashingEncoder
@@ -225,6 +229,47 @@ async def test_duplicates_within_one_batch_are_encoded_once(kafka_bootstrap, red
         await _stop([svc], tasks)
     assert _misses(metrics) == 30 and _hits(metrics) == 90
     assert metrics.value("embedder_texts_total", service="embedder") == 120
+
+
+class CapturingEmbedder(EmbedderService):
+    """The embedder with ``emit`` and ``dead_letter`` collecting instead of producing to Kafka."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.out: list[Event] = []
+        self.dead: list[str] = []
+
+    async def emit(self, event: Event, topic: str | None = None) -> None:
+        self.out.append(event)
+
+    async def dead_letter(self, record: ConsumerRecord, reason: str) -> None:
+        self.dead.append(reason)
+
+
+async def test_each_text_is_normalised_once_per_batch(redis_url, unique, monkeypatch):
+    """The dead-letter check, the cache key, the model input and the miss count share one pass."""
+    normalised: list[str] = []
+    real = encoder_module.normalise_text
+
+    def counting(text: str, max_chars: int) -> str:
+        normalised.append(text)
+        return real(text, max_chars)
+
+    for module in (encoder_module, cache_module, hashing_module):  # every module that calls it by name
+        monkeypatch.setattr(module, "normalise_text", counting)
+    cfg = _cfg(unique, "127.0.0.1:1", redis_url)
+    texts = ["  Messy\ttext\x07 one ", "text two", "text two", "\x00 \x01 "]  # a repeat, an empty one
+    svc = CapturingEmbedder(offline_context(cfg, redis_url))
+    async with running(svc):
+        await svc.handle([Incoming(event=_decoded(cfg, f"t{i}", t), record=None, envelope=None)  # type: ignore[arg-type]
+                          for i, t in enumerate(texts)])
+    assert sorted(normalised) == sorted(texts)  # each text once, none twice
+    assert [e.text_id for e in svc.out] == ["t0", "t1", "t2"]
+    assert svc.dead == ["text not embeddable: text is empty after normalisation"]
+    monkeypatch.undo()
+    expected = HashingEncoder(cfg.embedder).encode(texts[:3])  # normalises raw texts itself
+    got = np.stack([e.vector() for e in svc.out if isinstance(e, EmbeddedText)])
+    np.testing.assert_allclose(got, expected, atol=2e-3)  # float16 on the wire
 
 
 # --------------------------------------------------------------------------- failures

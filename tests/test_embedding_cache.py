@@ -39,6 +39,10 @@ class CountingEncoder:
         self.calls.append(list(texts))
         return self.inner.encode(texts)
 
+    def encode_normalised(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        return self.inner.encode_normalised(texts)
+
     @property
     def encoded(self) -> int:
         return sum(len(c) for c in self.calls)

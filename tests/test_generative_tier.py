@@ -26,6 +26,8 @@ from services.core.config import Config, ConfigError, LLMConfig, TierConfig, loa
 from services.core.events import Hypothesis, Validation
 from services.core.runtime import Incoming
 from services.generator.backends.transformers_backend import build_tiny_random_lm
+from services.llm import Budget, InProcessBudget
+from services.llm.client import REASK_SUFFIX
 from services.llm.factory import make_llm_client
 from services.stats.auc import auc_test
 from services.validator.generative import GenerativeTier, build_generative_tier
@@ -123,9 +125,9 @@ def hypothesis(direction: str = "intervention", hid: str = "h1") -> Hypothesis:
                       kind="contrastive", labeler="test", keywords=[WORD], label_text_ids=[], holdout_texts=[])
 
 
-async def make_tier(cfg: Config, redis: aioredis.Redis | None = None) -> GenerativeTier:
+async def make_tier(cfg: Config, redis: aioredis.Redis | None = None, budget: Budget | None = None) -> GenerativeTier:
     def client(llm: LLMConfig):
-        return make_llm_client(llm, redis=redis, namespace=cfg.cache.namespace)
+        return make_llm_client(llm, redis=redis, namespace=cfg.cache.namespace, budget=budget)
 
     return await build_generative_tier(cfg, cfg.validator.tiers[0], client)
 
@@ -183,7 +185,40 @@ async def test_malformed_arrays_are_counted_not_replaced(tiny_models: dict[str, 
         assert [side_of(r) for r in srv.requests].count(2) == 2  # the answer, then one re-ask
     assert len(s.pos) == N and s.neg == []  # no placeholder texts or scores for the failed side
     assert s.dropped == N and s.notes["generation_failures"] == 1.0
-    assert s.calls == 2
+    # every request is a call and was paid for: side 1, side 2's unreadable answer and its re-ask
+    assert s.calls == len(srv.requests) == 3 and s.cost_usd == pytest.approx(3 * CALL_COST)
+    assert s.notes["budget_refused"] == 0.0
+
+
+async def test_a_reask_that_recovers_counts_both_answers(tiny_models: dict[str, Path], unique: str) -> None:
+    def script(seen: Seen) -> Reply:
+        if side_of(seen) == 2 and not seen.prompt.endswith(REASK_SUFFIX):
+            return Reply("Sure! Here are some texts about houses.")
+        return fake_llm(seen)
+
+    async with FakeLLMServer("openai", script) as srv:
+        tier = await make_tier(config(tiny_models, srv, unique))
+        try:
+            s = await tier.score(hypothesis(), [], [])
+        finally:
+            await tier.aclose()
+        assert len(srv.requests) == 3
+    assert (len(s.pos), len(s.neg)) == (N, N) and s.notes["generation_failures"] == 0.0
+    assert s.calls == 3 and s.cost_usd == pytest.approx(3 * CALL_COST)
+
+
+async def test_budget_refusals_are_counted_apart_not_as_calls(tiny_models: dict[str, Path],
+                                                              server: FakeLLMServer, unique: str) -> None:
+    budget = InProcessBudget(limit_usd=0.01)  # below one side's worst case: both sides are refused
+    tier = await make_tier(config(tiny_models, server, unique), budget=budget)
+    try:
+        s = await tier.score(hypothesis(), [], [])
+    finally:
+        await tier.aclose()
+    assert server.requests == [] and await budget.spent() == 0.0
+    assert s.calls == 0 and s.cost_usd == 0.0
+    assert s.notes["budget_refused"] == 2.0 and s.notes["generation_failures"] == 2.0
+    assert (s.pos, s.neg, s.dropped) == ([], [], 2 * N)
 
 
 async def test_intervention_preferring_a_word_validates_the_claim_about_it(

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from llm_fake_server import FakeLLMServer, Hang, Raw, Reply, Seen, Status
+from retry_cases import JITTER_S, RETRY_AFTER_CASES, RetryAfterCase
 from tenacity import RetryCallState
 
 from services.core.config import LLMConfig
@@ -39,14 +40,18 @@ from services.llm import (
     parse_json_object,
     parse_score,
 )
-from services.llm.client import REASK_SUFFIX, TokenBucket, _Backoff
+from services.llm.budget import Spend
+from services.llm.client import REASK_SUFFIX
+from services.llm.contract import MESSAGE_OVERHEAD_TOKENS
 from services.llm.prompts import (
     contrastive_label_prompt,
     generative_prompt,
     ground_truth_prompt,
     score_text_prompt,
 )
-from services.llm.providers import parse_retry_after, resolve_api_key
+from services.llm.providers import PROVIDERS, resolve_api_key
+from services.llm.ratelimit import TokenBucket
+from services.llm.retry import RETRY_AFTER_CAP_S, RetryPolicy, parse_retry_after
 
 PROTOCOLS = ["openai", "anthropic", "gemini"]
 MODELS = {"openai": "gpt-test", "anthropic": "claude-test", "gemini": "gemini-test"}
@@ -167,6 +172,23 @@ async def test_429_with_retry_after_then_success(protocol: str, harness: Harness
     assert resp.text == "fine"
     assert len(server.requests) == 2
     assert rec.outcomes() == ["retry", "ok"]
+
+
+@pytest.mark.parametrize("case", RETRY_AFTER_CASES, ids=lambda c: c.id)
+async def test_retry_after_cases_of_the_shared_policy(case: RetryAfterCase) -> None:
+    """The same cases as the generation backend's test: one failure, one wait, then the answer."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)  # recorded, not slept: the test checks the wait, not the clock
+
+    async with FakeLLMServer("openai", [Status(case.status, headers=case.headers()), Reply("fine")]) as server:
+        cfg = make_cfg("openai", server.base_url, backoff_base_s=JITTER_S, backoff_max_s=JITTER_S)
+        async with LLMClient(PROVIDERS["openai"](cfg), cfg, sleep=sleep) as client:
+            assert (await client.complete("hello")).text == "fine"
+        assert len(server.requests) == 2
+    [wait] = waits
+    assert case.low <= wait <= case.high
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -343,13 +365,15 @@ async def test_failed_calls_cost_nothing_but_timeouts_keep_their_reservation(har
     _, slow = await harness("openai", [Hang(5.0)], budget=budget, timeout_s=0.2, max_retries=0)
     with pytest.raises(Timeout):
         await slow.complete("hello")
-    assert await budget.spent() == pytest.approx((2 * 0.5 + 64 * 1.5) / 1000)  # ceil(5/4) in, 64 out
+    # the hold: 5 bytes of prompt + the chat overhead in, 64 out
+    assert await budget.spent() == pytest.approx(((5 + MESSAGE_OVERHEAD_TOKENS) * 0.5 + 64 * 1.5) / 1000)
     assert await budget.reserved() == pytest.approx(0.0, abs=1e-12)
 
 
 async def test_redis_budget_is_shared_by_replicas(harness: Harness, redis_client: Any, unique: str) -> None:
-    # Worst case of one call: ceil(5/4)=2 input tokens, 64 output -> $0.097; the limit admits one.
-    # The first replica's real usage ($0.25 + $0.15 = $0.40) leaves too little for the second.
+    # Worst case of one call: 5 + 32 input tokens, 64 output -> $0.1145; the limit admits one.
+    # The first replica's usage ($0.25 + $0.15 = $0.40, more than an honest server could bill for
+    # "hello") leaves too little for the second.
     limit = 0.45
     replica_a = make_budget(limit, redis=redis_client, namespace=unique, experiment_id="exp")
     replica_b = make_budget(limit, redis=redis_client, namespace=unique, experiment_id="exp")
@@ -366,6 +390,48 @@ async def test_redis_budget_is_shared_by_replicas(harness: Harness, redis_client
     assert await replica_b.spent() == pytest.approx(0.40)
     assert await replica_b.remaining() == pytest.approx(0.05)
     assert await redis_client.exists(f"{unique}:budget:exp")
+
+
+async def test_concurrent_replicas_never_exceed_the_budget_and_tally_what_it_charged(
+        redis_client: Any, unique: str) -> None:
+    """Three replicas with one Redis budget fire 36 calls at once, then call one at a time until
+    refused.  The server parks requests until 8 are in flight, so holds overlap.  Whatever the
+    interleaving, the spend stays within the limit, every call is either sent or refused, and the
+    replicas' tallies add up to what the budget charged."""
+    limit, n_calls, replicas = 1.0, 36, 3
+    # each call holds (5 + 32) * 0.5 / 1000 + 64 * 1.5 / 1000 = $0.1145 and really costs
+    # (37 * 0.5 + 60 * 1.5) / 1000 = $0.1085: the limit admits 8 holds at once and 9 calls in all
+    # (8 * 0.1085 + 0.1145 <= 1 < 9 * 0.1085 + 0.1145)
+    async with FakeLLMServer("openai", [Reply("ok", input_tokens=5 + MESSAGE_OVERHEAD_TOKENS, output_tokens=60)],
+                             hold_until_in_flight=8, expected_requests=8) as server:
+        clients = [make_llm_client(make_cfg("openai", server.base_url, max_concurrency=16),
+                                   budget=make_budget(limit, redis=redis_client, namespace=unique,
+                                                      experiment_id="exp")) for _ in range(replicas)]
+        spends = [Spend() for _ in range(replicas)]
+
+        async def call(i: int) -> bool:
+            try:
+                await clients[i % replicas].complete("hello", spend=spends[i % replicas])
+                return True
+            except BudgetExceeded:
+                return False
+
+        try:
+            sent = list(await asyncio.gather(*(call(i) for i in range(n_calls))))
+            sent.append(await call(len(sent)))  # the rest of the budget, one call at a time,
+            while sent[-1]:  # until one is refused
+                sent.append(await call(len(sent)))
+        finally:
+            for c in clients:
+                await c.aclose()
+        assert server.max_in_flight == 8  # eight holds overlapped; a ninth never fitted beside them
+    budget = make_budget(limit, redis=redis_client, namespace=unique, experiment_id="exp")
+    spent = await budget.spent()
+    assert spent == pytest.approx(9 * (37 * 0.5 + 60 * 1.5) / 1000) and spent <= limit
+    assert await budget.reserved() == pytest.approx(0.0, abs=1e-9)
+    assert sum(sent) == len(server.requests) == sum(s.calls for s in spends) == 9
+    assert sum(s.refused for s in spends) == len(sent) - 9
+    assert sum(s.cost_usd for s in spends) == pytest.approx(spent)
 
 
 async def test_redis_budget_reservations_are_atomic(redis_client: Any, unique: str) -> None:
@@ -468,7 +534,7 @@ async def test_openai_compatible_server_needs_no_key(monkeypatch: pytest.MonkeyP
 
 
 def test_backoff_honours_retry_after_and_full_jitter_window() -> None:
-    backoff = _Backoff(base_s=1.0, max_s=8.0)
+    backoff = RetryPolicy(max_retries=4, backoff_base_s=1.0, backoff_max_s=8.0).wait()
 
     def state(attempt: int, exc: BaseException) -> RetryCallState:
         s = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
@@ -477,7 +543,7 @@ def test_backoff_honours_retry_after_and_full_jitter_window() -> None:
         return s
 
     assert backoff(state(1, RateLimited("x", retry_after=2.5))) == 2.5
-    assert backoff(state(1, RateLimited("x", retry_after=10_000))) == 300.0  # capped: server is down
+    assert backoff(state(1, RateLimited("x", retry_after=10_000))) == RETRY_AFTER_CAP_S  # capped
     waits = [backoff(state(3, ServerError("x"))) for _ in range(200)]
     assert all(0.0 <= w <= 4.0 for w in waits)  # window at attempt 3: base * 2**2
     assert max(waits) > 1.0  # full jitter spreads over the window (P(all 200 <= 1) = 0.25**200)

@@ -222,14 +222,22 @@ def _describe(exc: BaseException) -> str:
 
 async def embed_with_cache(cache: EmbeddingCache | None, encoder: Encoder,
                            texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Vectors for ``texts`` (input order, float32) and a bool mask of which came from the cache.
+    """Vectors for raw ``texts`` (input order, float32) and a bool mask of which came from the cache.
 
-    Texts are normalised, identical ones embedded once, only cache misses encoded (in a worker
-    thread: encode is CPU-bound and must not block the event loop), and the new vectors written
-    back.  With a cache, computed vectors are passed through the storage dtype so a text gets the
-    same vector whether it was a hit or a miss (reruns on a warm cache reproduce a cold run).
+    Each text is normalised once here; see ``embed_normalised`` for the rest.
     """
-    normalised = [normalise_text(t, encoder.max_chars) for t in texts]
+    return await embed_normalised(cache, encoder, [normalise_text(t, encoder.max_chars) for t in texts])
+
+
+async def embed_normalised(cache: EmbeddingCache | None, encoder: Encoder,
+                           normalised: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``embed_with_cache`` for texts already normalised with ``normalise_text(t, encoder.max_chars)``.
+
+    Identical texts are embedded once, only cache misses encoded (in a worker thread: encode is
+    CPU-bound and must not block the event loop), and the new vectors written back.  With a cache,
+    computed vectors are passed through the storage dtype so a text gets the same vector whether it
+    was a hit or a miss (reruns on a warm cache reproduce a cold run).
+    """
     unique = list(dict.fromkeys(normalised))
     slot = {t: i for i, t in enumerate(unique)}
     found: list[np.ndarray | None] = (await cache.get_many(encoder.model_key, unique)
@@ -243,7 +251,7 @@ async def embed_with_cache(cache: EmbeddingCache | None, encoder: Encoder,
     miss = [i for i, v in enumerate(found) if v is None]
     if miss:
         miss_texts = [unique[i] for i in miss]
-        computed = await asyncio.to_thread(encoder.encode, miss_texts)
+        computed = await asyncio.to_thread(encoder.encode_normalised, miss_texts)
         if cache is not None:
             await cache.put_many(encoder.model_key, miss_texts, computed)
             computed = cache.round_trip(computed)

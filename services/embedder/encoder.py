@@ -1,7 +1,9 @@
 """Text encoders for the embedder: one text-normalisation rule and a sentence-transformers encoder.
 
 ``normalise_text`` is applied to every text before it is hashed for the cache *and* before it is
-fed to the model, so a cache hit always stands for exactly what the model would have seen.
+fed to the model, so a cache hit always stands for exactly what the model would have seen.  The
+embedding path normalises each text once (``embeddable_text`` or ``embed_with_cache``) and hands
+the result on to ``Encoder.encode_normalised``; ``Encoder.encode`` is for callers holding raw texts.
 ``Encoder.model_key`` names everything that changes the vectors (model, revision, pooling,
 normalisation, sequence length, backend); it is part of every cache key, so changing any of them
 can never serve stale vectors.
@@ -55,6 +57,10 @@ class Encoder(Protocol):
         """float32 array of shape (len(texts), dim); rows are L2-normalised when configured."""
         ...
 
+    def encode_normalised(self, texts: list[str]) -> np.ndarray:
+        """``encode`` for texts already passed through ``normalise_text(t, max_chars)``."""
+        ...
+
 
 # --------------------------------------------------------------------------- text rule
 
@@ -83,12 +89,26 @@ def normalise_text(text: str, max_chars: int) -> str:
     return text
 
 
+class NotEmbeddable(ValueError):
+    """A value the embedder dead-letters; the message is the reason."""
+
+
+def embeddable_text(value: object, max_chars: int) -> str:
+    """``value`` normalised for the model and the cache key, or ``NotEmbeddable`` saying why not."""
+    if not isinstance(value, str):
+        raise NotEmbeddable(f"text is not a string ({type(value).__name__})")
+    text = normalise_text(value, max_chars)
+    if not text:
+        raise NotEmbeddable("text is empty after normalisation")
+    return text
+
+
 def check_text(value: object) -> str | None:
     """A reason to dead-letter ``value``, or None if it can be embedded (long texts are truncated)."""
-    if not isinstance(value, str):
-        return f"text is not a string ({type(value).__name__})"
-    if not normalise_text(value, 1):
-        return "text is empty after normalisation"
+    try:
+        embeddable_text(value, 1)  # empty at 1 character iff empty at any length: leading spaces are stripped
+    except NotEmbeddable as exc:
+        return str(exc)
     return None
 
 
@@ -257,11 +277,13 @@ class SentenceTransformerEncoder:
         log.info("encoder ready: %s (dim %d)", self.model_key, self.dim)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Embed ``texts`` (normalised here too: the rule is idempotent) in input order."""
+        """Embed raw ``texts`` in input order (normalised first, as the cache keys are)."""
+        return self.encode_normalised([normalise_text(t, self.max_chars) for t in texts])
+
+    def encode_normalised(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
-        clean = [normalise_text(t, self.max_chars) for t in texts]
-        out = self._encode_onnx(clean) if self._onnx is not None else self._encode_torch(clean)
+        out = self._encode_onnx(texts) if self._onnx is not None else self._encode_torch(texts)
         return _l2_normalise(out) if self.cfg.normalize else out
 
     def _encode_torch(self, texts: list[str]) -> np.ndarray:

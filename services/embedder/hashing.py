@@ -30,9 +30,12 @@ class HashingEncoder:
         self._proj = (rng.standard_normal((N_FEATURES, dim)) / np.sqrt(dim)).astype(np.float32)
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        return self.encode_normalised([normalise_text(t, self.max_chars) for t in texts])
+
+    def encode_normalised(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.empty((0, self.dim), np.float32)
-        X = self._vec.transform([normalise_text(t, self.max_chars) for t in texts])
+        X = self._vec.transform(texts)
         out = np.asarray(X @ self._proj, dtype=np.float32)
         if self.cfg.normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

@@ -1,12 +1,12 @@
 """Embedder service: decoded texts in, embedded texts out, through a Redis vector cache.
 
-Per polled batch: texts that cannot be embedded (not a string, empty) are dead-lettered with the
-reason; the rest are normalised (enormous ones truncated by rule), deduplicated within the batch,
-looked up in the cache with one pipelined round trip, and only the misses are encoded, in a worker
-thread so the event loop keeps fetching (aiokafka prefetches the next batch meanwhile) and
-producing.  Replicas share a consumer group; a text cached by one replica is a hit for every
-other.  If Redis is unreachable the cache degrades to pass-through and reconnects with backoff;
-no event is dropped.
+Per polled batch: each text is normalised once (enormous ones truncated by rule), and those that
+cannot be embedded (not a string, empty) are dead-lettered with the reason; the normalised texts
+are deduplicated within the batch, looked up in the cache with one pipelined round trip, and only
+the misses are encoded, in a worker thread so the event loop keeps fetching (aiokafka prefetches
+the next batch meanwhile) and producing.  Replicas share a consumer group; a text cached by one
+replica is a hit for every other.  If Redis is unreachable the cache degrades to pass-through and
+reconnects with backoff; no event is dropped.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from redis.asyncio import Redis
 from services.core.config import Config, EmbedderConfig
 from services.core.events import DecodedText, EmbeddedText
 from services.core.runtime import Incoming, Service, ServiceContext
-from services.embedder.cache import EmbeddingCache, connect, embed_with_cache
-from services.embedder.encoder import Encoder, check_text, normalise_text
+from services.embedder.cache import EmbeddingCache, connect, embed_normalised
+from services.embedder.encoder import Encoder, NotEmbeddable, embeddable_text
 
 
 async def make_encoder(cfg: EmbedderConfig) -> Encoder:
@@ -65,17 +65,19 @@ class EmbedderService(Service):
 
     async def handle(self, batch: list[Incoming]) -> None:
         good: list[DecodedText] = []
+        clean: list[str] = []  # good's texts, normalised: the one pass the whole batch gets
         for item in batch:
             ev = item.event
             assert isinstance(ev, DecodedText)
-            reason = check_text(ev.text)
-            if reason is not None:
-                await self.dead_letter(item.record, f"text not embeddable: {reason}")
+            try:
+                clean.append(embeddable_text(ev.text, self.encoder.max_chars))
+            except NotEmbeddable as exc:
+                await self.dead_letter(item.record, f"text not embeddable: {exc}")
                 continue
             good.append(ev)
         if not good:
             return
-        vectors, hits = await embed_with_cache(self.cache, self.encoder, [e.text for e in good])
+        vectors, hits = await embed_normalised(self.cache, self.encoder, clean)
         for ev, vec, hit in zip(good, vectors, hits, strict=True):
             await self.emit(EmbeddedText(
                 experiment_id=ev.experiment_id, text_id=ev.text_id, request_id=ev.request_id,
@@ -84,8 +86,7 @@ class EmbedderService(Service):
                 vector_b64=EmbeddedText.encode_vector(vec, self.dtype), cache_hit=bool(hit), meta=ev.meta,
             ))
         # misses = vectors the model computed: identical texts in one batch are encoded once
-        n_computed = len({normalise_text(e.text, self.encoder.max_chars)
-                          for e, h in zip(good, hits, strict=True) if not h})
+        n_computed = len({text for text, hit in zip(clean, hits, strict=True) if not hit})
         self.m_hits.labels(self.name).inc(len(good) - n_computed)
         self.m_misses.labels(self.name).inc(n_computed)
         self.m_texts.labels(self.name).inc(len(good))

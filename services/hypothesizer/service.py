@@ -75,7 +75,7 @@ class HypothesizerService(Service):
     async def _label(self, cand: CandidateCluster, target: list[str], contrast: list[str],
                      keywords: list[str], previous: list[str]) -> tuple[str, str]:
         if self.llm is not None:
-            from services.llm.client import BadResponse, LLMError
+            from services.llm.errors import BadResponse, LLMError
             from services.llm.prompts import contrastive_label_prompt
 
             k = self.cfg.hypothesizer.texts_per_side

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from services.core.config import Config, LLMConfig
-from services.llm.client import Budget, CallRecorder, InProcessBudget, LLMClient, RedisBudget, ResponseCache
+from services.llm.budget import Budget, InProcessBudget, RedisBudget
+from services.llm.cache import ResponseCache
+from services.llm.client import LLMClient
+from services.llm.contract import CallRecorder
 from services.llm.providers import PROVIDERS
 
 DEFAULT_CACHE_TTL_S = 30 * 24 * 3600  # like CacheConfig.ttl_s: a month, then re-ask

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from services.llm.client import ParseError  # an LLMError (and a ValueError), defined with its siblings
+from services.llm.errors import ParseError  # an LLMError (and a ValueError), defined with its siblings
 
 __all__ = ["ParseError", "parse_json_array", "parse_json_object", "parse_score"]
 

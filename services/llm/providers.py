@@ -1,17 +1,16 @@
 """Protocol adapters: OpenAI-compatible chat, Anthropic messages, Gemini (google-genai SDK).
 
 Each adapter makes exactly one attempt per ``send`` and maps every failure to an ``LLMError``
-subclass; the retry policy lives in ``LLMClient`` alone (the Gemini SDK's own retries are switched
-off).  API keys come only from the environment (``NAME`` or a file named by ``NAME_FILE``), are
-held in a ``Secret`` whose repr is masked, and are scrubbed from any server text we quote.
+subclass; which of them are retried, and how long to wait, is ``retry.py``'s shared policy, applied
+by ``LLMClient`` alone (the Gemini SDK's own retries are switched off).  API keys come only from
+the environment (``NAME`` or a file named by ``NAME_FILE``), are held in a ``Secret`` whose repr
+is masked, and are scrubbed from any server text we quote.
 """
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,20 +20,17 @@ import orjson
 import pydantic
 
 from services.core.config import LLMConfig
-from services.llm.client import (
+from services.llm.contract import Completion, LLMRequest, Provider, estimate_tokens, request_tokens
+from services.llm.errors import (
     BadResponse,
-    Completion,
     LLMError,
-    LLMRequest,
     MissingAPIKey,
-    Provider,
     RateLimited,
     RequestRejected,
     ServerError,
     Timeout,
-    estimate_tokens,
-    request_tokens,
 )
+from services.llm.retry import parse_retry_after, retryable_status
 
 log = logging.getLogger("autointerv.llm")
 
@@ -103,27 +99,6 @@ def _require_key(cfg: LLMConfig) -> Secret:
     return key
 
 
-def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds from ``retry-after-ms``, ``Retry-After: <seconds>`` or ``Retry-After: <HTTP date>``."""
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 class _Base(Provider):
     """Shared plumbing: one pooled ``httpx.AsyncClient`` and status-code-to-error mapping."""
 
@@ -155,13 +130,11 @@ class _Base(Provider):
 
     def _status_error(self, status: int, body: str, headers: Mapping[str, str]) -> LLMError:
         """429 -> RateLimited, 408/5xx -> ServerError (both retried), other 4xx -> RequestRejected."""
-        retry_after = parse_retry_after(headers)
         message = f"HTTP {status} from {self.name}: {body}"
-        if status == 429:
-            return self._error(RateLimited, message, status, retry_after)
-        if status == 408 or status >= 500:
-            return self._error(ServerError, message, status, retry_after)
-        return self._error(RequestRejected, message, status)
+        if not retryable_status(status):
+            return self._error(RequestRejected, message, status)
+        cls = RateLimited if status == 429 else ServerError
+        return self._error(cls, message, status, parse_retry_after(headers))
 
     def _transport_error(self, exc: Exception) -> LLMError:
         if isinstance(exc, httpx.TimeoutException):

@@ -42,7 +42,9 @@ from typing import Literal
 from services.core.config import Config, ConfigError, LLMConfig, ModelsConfig, TierConfig
 from services.core.events import Hypothesis, TextRef
 from services.generator.backends.transformers_backend import TransformersBackend
-from services.llm.client import BudgetExceeded, BudgetUnavailable, LLMClient, LLMError
+from services.llm.budget import Spend
+from services.llm.client import LLMClient
+from services.llm.errors import LLMError
 from services.llm.parsing import parse_json_array
 from services.llm.prompts import generative_prompt
 from services.validator.tiers import Tier, TierScores
@@ -65,11 +67,9 @@ def require_local_models(models: ModelsConfig, tier_name: str) -> None:
 
 @dataclass
 class _Side:
-    """The usable texts the LLM wrote for one side, and what getting them cost."""
+    """The usable texts the LLM wrote for one side (what getting them cost is in the tier's ``Spend``)."""
 
     texts: list[str]
-    calls: int = 0
-    cost_usd: float = 0.0
     dropped: int = 0
     failed: bool = False
 
@@ -104,33 +104,33 @@ class GenerativeTier(Tier):
         await asyncio.to_thread(self.intervention.load)
 
     async def score(self, h: Hypothesis, pos: list[TextRef], neg: list[TextRef]) -> TierScores:
-        side1, side2 = await asyncio.gather(self._generate(h, 1), self._generate(h, 2))
+        spend = Spend()  # both sides' requests, re-asks and failures included
+        side1, side2 = await asyncio.gather(self._generate(h, 1, spend), self._generate(h, 2, spend))
         ratios = await asyncio.to_thread(self.log_ratios, side1.texts + side2.texts)
         sign = 1.0 if h.direction == "intervention" else -1.0
         scored = [None if r is None else sign * r for r in ratios]
         p, q = scored[: len(side1.texts)], scored[len(side1.texts):]
         out = TierScores([s for s in p if s is not None], [s for s in q if s is not None])
-        out.calls = side1.calls + side2.calls
-        out.cost_usd = side1.cost_usd + side2.cost_usd
+        out.calls, out.cost_usd = spend.calls, spend.cost_usd
         out.dropped = side1.dropped + side2.dropped + sum(1 for s in scored if s is None)
         out.notes = {"generated_pos": float(len(side1.texts)), "generated_neg": float(len(side2.texts)),
-                     "generation_failures": float(side1.failed + side2.failed)}
+                     "generation_failures": float(side1.failed + side2.failed),
+                     "budget_refused": float(spend.refused)}
         return out
 
-    async def _generate(self, h: Hypothesis, side: Literal[1, 2]) -> _Side:
+    async def _generate(self, h: Hypothesis, side: Literal[1, 2], spend: Spend) -> _Side:
         n = self.n_texts
         max_tokens = max(self.client.cfg.max_output_tokens, n * TOKENS_PER_TEXT)
         try:
-            texts, resp = await self.client.complete_parsed_with_response(
+            texts = await self.client.complete_parsed(
                 generative_prompt(h.text, side, n), parse_json_array, max_output_tokens=max_tokens,
-                purpose=f"validate:{self.cfg.name}:side{side}")
+                purpose=f"validate:{self.cfg.name}:side{side}", spend=spend)
         except LLMError as exc:
             log.warning("generative tier %s: no texts for side %d of hypothesis %s (%s)", self.cfg.name, side,
                         h.hypothesis_id, type(exc).__name__)
-            refused = isinstance(exc, BudgetExceeded | BudgetUnavailable)  # nothing was sent
-            return _Side([], calls=0 if refused else 1, dropped=n, failed=True)
+            return _Side([], dropped=n, failed=True)
         kept = clean_texts(texts, n)
-        return _Side(kept, calls=0 if resp.cached else 1, cost_usd=resp.cost_usd, dropped=n - len(kept))
+        return _Side(kept, dropped=n - len(kept))
 
     def log_ratios(self, texts: list[str]) -> list[float | None]:
         """Per-token log-likelihood ratio, intervention over base; None for a text with no tokens.

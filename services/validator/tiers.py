@@ -28,8 +28,8 @@ from services.core.events import Hypothesis, TextRef
 class TierScores:
     pos: list[float]
     neg: list[float]
-    calls: int = 0
-    cost_usd: float = 0.0
+    calls: int = 0  # LLM calls sent (a call's retries are part of it): re-asks and failures too, not hits or refusals
+    cost_usd: float = 0.0  # what those calls were charged in the experiment's budget
     dropped: int = 0
     notes: dict[str, float] = field(default_factory=dict)
 
@@ -112,25 +112,27 @@ class LLMTier(Tier):
         self.client = client
 
     async def score(self, h: Hypothesis, pos: list[TextRef], neg: list[TextRef]) -> TierScores:
-        from services.llm.client import LLMError
+        from services.llm.budget import Spend
+        from services.llm.errors import LLMError
         from services.llm.parsing import parse_score
         from services.llm.prompts import score_text_prompt
 
-        async def one(t: TextRef) -> tuple[float | None, float, bool]:
-            try:
-                value, resp = await self.client.complete_parsed_with_response(
-                    score_text_prompt(h.text, t.text), parse_score, purpose=f"validate:{self.cfg.name}")
-                return float(value), resp.cost_usd, not resp.cached
-            except LLMError:
-                return None, 0.0, True
+        spend = Spend()  # every request sent for this hypothesis, re-asks and failures included
 
-        results = await asyncio.gather(*(one(t) for t in pos + neg))
-        scores = [r[0] for r in results]
+        async def one(t: TextRef) -> float | None:
+            try:
+                return float(await self.client.complete_parsed(
+                    score_text_prompt(h.text, t.text), parse_score, purpose=f"validate:{self.cfg.name}",
+                    spend=spend))
+            except LLMError:
+                return None
+
+        scores = await asyncio.gather(*(one(t) for t in pos + neg))
         out = TierScores([s for s in scores[: len(pos)] if s is not None],
                          [s for s in scores[len(pos):] if s is not None])
-        out.calls = sum(1 for r in results if r[2])
-        out.cost_usd = sum(r[1] for r in results)
+        out.calls, out.cost_usd = spend.calls, spend.cost_usd
         out.dropped = sum(1 for s in scores if s is None)
+        out.notes = {"budget_refused": float(spend.refused)}
         return out
 
     async def aclose(self) -> None:

@@ -71,4 +71,3 @@ class GenerationBackend(ABC):
 class BatchResult:
     texts: list[Generated] = field(default_factory=list)
     failures: list[GenerationError] = field(default_factory=list)
-    prompt_tokens: int = 0

@@ -1,8 +1,9 @@
 """Any OpenAI-compatible server (``vllm serve``, Ollama, llama.cpp, hosted APIs) as a generator.
 
 One long-lived ``httpx.AsyncClient`` per backend, bounded concurrency, per-request timeouts and
-retries with full-jitter exponential backoff on 429 (honouring ``Retry-After``), 5xx, timeouts and
-connection errors.  Other 4xx and malformed answers fail the task at once.  A task that fails for
+the LLM clients' retry policy (``services/llm/retry.py``): 408, 429 and 5xx answers, timeouts and
+connection errors are retried, waiting ``Retry-After`` when the server sent it and full-jitter
+exponential backoff otherwise.  Other 4xx and malformed answers fail the task at once.  A task that fails for
 good becomes a :class:`GenerationError`: there are no placeholder texts.  Outcomes are counted in
 ``stats`` for the metrics exporter.  The API key is read from the env var named in the config and
 never logged.
@@ -13,25 +14,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import orjson
+from tenacity import RetryCallState
 
 from services.core.config import GeneratorConfig, ModelConfig
 from services.core.events import stable_id
-from services.llm.providers import parse_retry_after  # one Retry-After parser for every HTTP client
+from services.llm.retry import RETRY_AFTER_CAP_S, RetryPolicy, parse_retry_after, retryable_status
 
 from .base import BatchResult, Generated, GenerationBackend, GenerationError, GenerationTask
 
 log = logging.getLogger("autointerv.generator.openai")
 
+# retried_5xx also counts 408: both are server-side failures of one request, not throttling
 STAT_KEYS = ("ok", "retried_429", "retried_5xx", "retried_timeout", "retried_connect", "failed")
 
 
 class _Retriable(Exception):
+    """A failure the shared policy retries; ``kind`` names its ``retried_*`` counter."""
+
     def __init__(self, kind: str, detail: str, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.kind = kind
@@ -53,7 +57,7 @@ class OpenAIBackend(GenerationBackend):
 
     def __init__(self, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, role: str, *,
                  logprobs: bool = False, backoff_base_s: float = 0.5, backoff_cap_s: float = 30.0,
-                 retry_after_cap_s: float = 120.0,
+                 retry_after_cap_s: float = RETRY_AFTER_CAP_S,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.cfg = model_cfg
         self.gen_cfg = gen_cfg
@@ -61,11 +65,8 @@ class OpenAIBackend(GenerationBackend):
         self.model_id = model_cfg.model
         self.logprobs = logprobs
         self.supports_logprobs = logprobs
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
-        self.retry_after_cap_s = retry_after_cap_s
+        self.retry = RetryPolicy(model_cfg.max_retries, backoff_base_s, backoff_cap_s, retry_after_cap_s)
         self._sleep = sleep
-        self._rng = random.Random()
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._client: httpx.AsyncClient | None = None
         self._sem: asyncio.Semaphore | None = None
@@ -91,13 +92,6 @@ class OpenAIBackend(GenerationBackend):
             self._sem = asyncio.Semaphore(self.cfg.max_concurrency)
         return self._client, self._sem
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Full jitter (uniform on [0, min(cap, base * 2^attempt)]), at least Retry-After."""
-        delay = self._rng.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2 ** attempt))
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.retry_after_cap_s))
-        return delay
-
     async def _attempt(self, path: str, body: bytes) -> dict[str, Any]:
         client, sem = self._ensure_client()
         try:
@@ -107,10 +101,9 @@ class OpenAIBackend(GenerationBackend):
             raise _Retriable("timeout", f"timed out after {self.cfg.timeout_s}s") from exc
         except httpx.TransportError as exc:
             raise _Retriable("connect", f"{type(exc).__name__}: {exc}") from exc
-        if resp.status_code == 429:
-            raise _Retriable("429", "HTTP 429", parse_retry_after(resp.headers))
-        if resp.status_code >= 500:
-            raise _Retriable("5xx", f"HTTP {resp.status_code}")
+        if retryable_status(resp.status_code):
+            kind = "429" if resp.status_code == 429 else "5xx"
+            raise _Retriable(kind, f"HTTP {resp.status_code}", parse_retry_after(resp.headers))
         if resp.status_code >= 400:
             raise GenerationError(f"HTTP {resp.status_code} from {path}: {resp.text[:300]}")
         try:
@@ -122,23 +115,26 @@ class OpenAIBackend(GenerationBackend):
         return data
 
     async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries.  Hand-written rather than tenacity: it is not a declared dependency
-        and the loop needs per-cause counters and the response's Retry-After."""
+        """POST under the shared retry policy; a request that fails for good is a GenerationError."""
         body = orjson.dumps(payload)
-        for attempt in range(self.cfg.max_retries + 1):
-            try:
-                data = await self._attempt(path, body)
-            except _Retriable as exc:
-                if attempt == self.cfg.max_retries:
-                    raise GenerationError(f"gave up after {attempt + 1} attempts, last: {exc}") from exc
-                self.stats[f"retried_{exc.kind}"] += 1
-                delay = self._backoff(attempt, exc.retry_after)
-                log.warning("%s%s: %s, retry %d/%d in %.2fs", self.cfg.base_url, path, exc, attempt + 1,
-                            self.cfg.max_retries, delay)
-                await self._sleep(delay)
-                continue
-            return data
-        raise AssertionError("unreachable")
+        retrying = self.retry.retrying(_Retriable, before_sleep=self._count_retry(path), sleep=self._sleep)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._attempt(path, body)
+        except _Retriable as exc:
+            raise GenerationError(f"gave up after {self.cfg.max_retries + 1} attempts, last: {exc}") from exc
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    def _count_retry(self, path: str) -> Callable[[RetryCallState], None]:
+        def hook(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            assert isinstance(exc, _Retriable)
+            self.stats[f"retried_{exc.kind}"] += 1
+            delay = state.next_action.sleep if state.next_action else 0.0
+            log.warning("%s%s: %s, retry %d/%d in %.2fs", self.cfg.base_url, path, exc, state.attempt_number,
+                        self.cfg.max_retries, delay)
+        return hook
 
     # ----------------------------------------------------------------- requests
 
@@ -161,8 +157,8 @@ class OpenAIBackend(GenerationBackend):
             payload["logprobs"] = 0  # log-probs of the sampled tokens only
         return "completions", payload
 
-    def _parse(self, data: dict[str, Any], path: str) -> tuple[list[tuple[str, int, dict[str, Any]]], int]:
-        """(text, n_tokens, meta) per choice, and the prompt tokens; GenerationError when malformed."""
+    def _parse(self, data: dict[str, Any], path: str) -> list[tuple[str, int, dict[str, Any]]]:
+        """(text, n_tokens, meta) per choice; GenerationError when malformed."""
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices:
             raise GenerationError(f"response from {path} has no choices")
@@ -189,8 +185,7 @@ class OpenAIBackend(GenerationBackend):
             elif estimated:
                 meta["n_tokens_estimated"] = True
             out.append((text, n_tok, meta))
-        prompt_tokens = usage.get("prompt_tokens")
-        return out, prompt_tokens if isinstance(prompt_tokens, int) else 0
+        return out
 
     def _choice_text(self, c: Any) -> Any:
         if not isinstance(c, dict):
@@ -210,23 +205,21 @@ class OpenAIBackend(GenerationBackend):
         values = lp.get("token_logprobs")
         return [float(v) for v in values if v is not None] if isinstance(values, list) else None
 
-    async def _run_task(self, task: GenerationTask) -> tuple[list[Generated], int]:
+    async def _run_task(self, task: GenerationTask) -> list[Generated]:
         """All ``task.n`` samples, asking again for the rest when a server ignores ``n``."""
         got: list[Generated] = []
-        prompt_tokens = 0
         for round_ in range(task.n):
             want = task.n - len(got)
             seed = task.seed if round_ == 0 else int(stable_id("round-seed", task.seed, round_)[:7], 16)
             path, payload = self._payload(task, want, seed)
             data = await self._post(path, payload)
-            parsed, pt = self._parse(data, path)
+            parsed = self._parse(data, path)
             self.stats["ok"] += 1  # a request that yielded usable choices
-            prompt_tokens += pt
             for text, n_tok, meta in parsed[:want]:
                 got.append(Generated(task.prompt_id, len(got), text, n_tok, {**task.meta, **meta}))
             if len(got) == task.n:
                 break
-        return got, prompt_tokens
+        return got
 
     async def generate(self, tasks: list[GenerationTask]) -> BatchResult:
         results = await asyncio.gather(*(self._run_task(t) for t in tasks), return_exceptions=True)
@@ -239,8 +232,7 @@ class OpenAIBackend(GenerationBackend):
             elif isinstance(res, BaseException):
                 raise res  # a bug or a cancellation, not a server outcome
             else:
-                out.texts.extend(res[0])
-                out.prompt_tokens += res[1]
+                out.texts.extend(res)
         return out
 
     async def aclose(self) -> None:

@@ -234,7 +234,6 @@ class TransformersBackend(GenerationBackend):
                 except Exception as exc:  # a bad prompt fails its task, not the batch
                     failed[ti] = f"cannot encode prompt: {exc}"
                     continue
-                result.prompt_tokens += len(ids) * task.n
                 key = replace(task.decoding, seed=0)  # task.seed is the per-task seed
                 groups[key].extend(_Row(ti, i, ids, sample_seed(task.seed, i)) for i in range(task.n))
             for decoding, rows in groups.items():

@@ -90,7 +90,6 @@ class VLLMBackend(GenerationBackend):
             outputs = self._llm.generate(prompts, [self._params(t) for t in tasks], use_tqdm=False)
             eos = self._llm.get_tokenizer().eos_token_id
             for task, out in zip(tasks, outputs, strict=True):
-                result.prompt_tokens += len(out.prompt_token_ids or []) * task.n
                 if len(out.outputs) != task.n:
                     result.failures.append(GenerationError(
                         f"vLLM returned {len(out.outputs)} of {task.n} samples", prompt_id=task.prompt_id))
