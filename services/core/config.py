@@ -351,6 +351,11 @@ class PairedConfig(Strict):
     llm_rounds: int = Field(default=2, ge=1)  # proposer calls, each on other pairs
     llm_judge_pairs: int = Field(default=60, ge=4)  # held-out pairs the judge compares (2 calls each)
     dedupe_similarity: float = Field(default=0.85, gt=0, le=1)  # LLM axes closer than this are one
+    # streaming service (services/paired/service.py)
+    propose_every: int = Field(default=100, ge=1)  # new label pairs between proposal rounds
+    min_label_pairs: int = Field(default=40, ge=8)  # before the first round
+    holdout_pairs: int = Field(default=200, ge=10)  # most recent held-out pairs a hypothesis carries
+    max_pairs: int = Field(default=20000, ge=100)  # pairs kept per split (oldest dropped): bounded state
 
 
 class GroundTruthConfig(Strict):
