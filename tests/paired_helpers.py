@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 from collections.abc import Callable
@@ -12,11 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.core.config import GeneratorConfig, ModelConfig, PromptsConfig, SimConfig
 from services.core.events import stable_id
-from services.generator.backends.base import DecodingParams, GenerationTask
-from services.generator.backends.sim import SimBackend, sim_prompts
-from services.paired.pairs import Pair, pairs_from_replay
+from services.paired.pairs import Pair, pairs_from_replay, pairs_from_sim
 
 
 def shared_data_dir() -> Path:
@@ -56,15 +52,7 @@ def make_pairs(n: int, base: Callable[[random.Random], str], intervention: Calla
 
 
 def sim_pairs(seed: int, *, identical: bool = False, per_prompt: int = 2) -> list[Pair]:
-    """The simulated pair's answers to every sim prompt (per_prompt samples each)."""
-    mc, gc = ModelConfig(sim=SimConfig(identical=identical)), GeneratorConfig(seed=seed)
-    prompts = sim_prompts(PromptsConfig())
-    tasks = [GenerationTask(p.prompt_id, p.text, per_prompt, DecodingParams(), seed=seed) for p in prompts]
-    base = asyncio.run(SimBackend(mc, gc, "base").generate(tasks)).texts
-    inter = asyncio.run(SimBackend(mc, gc, "intervention").generate(tasks)).texts
-    text = {p.prompt_id: p.text for p in prompts}
-    return [Pair(stable_id("sim-pair", seed, b.prompt_id, b.sample_index), b.prompt_id, text[b.prompt_id], b.text,
-                 i.text) for b, i in zip(base, inter, strict=True)]
+    return pairs_from_sim(seed, identical=identical, per_prompt=per_prompt)
 
 
 def real_pairs(name: str) -> list[Pair]:

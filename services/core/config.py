@@ -88,9 +88,10 @@ class PlantedBehaviour(Strict):
 class SimConfig(Strict):
     identical: bool = False  # intervention == base (a null run): nothing to find; not `null`, which YAML reads as None
     behaviours: list[PlantedBehaviour] | None = None  # None: the documented default set
-    # with the default set: also the default styles (longer, enthusiastic opener, hedges), which shift
-    # every intervention text a little; mode-path tests that measure cluster recall turn them off
-    styles: bool = True
+    # with the default set, also plant the default styles (longer, enthusiastic opener, hedges: kind
+    # "style").  Off by default for now: they shift every intervention text, and the mode path then
+    # validates ~100 style-driven clusters and missed the 1% moon mode in 40k texts (harness, seed 1)
+    styles: bool = False
     n_topics: int = Field(default=40, ge=2)
 
 

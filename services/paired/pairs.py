@@ -84,6 +84,30 @@ def pairs_from_replay(path: str | Path, base_model: str, intervention_model: str
     return out
 
 
+def pairs_from_sim(seed: int, *, identical: bool = False, per_prompt: int = 2) -> list[Pair]:
+    """The simulated pair's answers to every sim prompt, ``per_prompt`` samples each (modes and
+    styles planted, ``sim.styles: true``, unless ``identical``): the sim as paired data, no broker."""
+    import asyncio
+
+    from services.core.config import GeneratorConfig, ModelConfig, PromptsConfig, SimConfig
+    from services.generator.backends.base import DecodingParams, GenerationTask
+    from services.generator.backends.sim import SimBackend, sim_prompts
+
+    mc, gc = ModelConfig(sim=SimConfig(identical=identical, styles=True)), GeneratorConfig(seed=seed)
+    prompts = sim_prompts(PromptsConfig())
+    tasks = [GenerationTask(p.prompt_id, p.text, per_prompt, DecodingParams(), seed=seed) for p in prompts]
+
+    async def both() -> tuple[list, list]:
+        b = await SimBackend(mc, gc, "base").generate(tasks)
+        i = await SimBackend(mc, gc, "intervention").generate(tasks)
+        return b.texts, i.texts
+
+    base, inter = asyncio.run(both())
+    text = {p.prompt_id: p.text for p in prompts}
+    return [Pair(stable_id("sim-pair", seed, b.prompt_id, b.sample_index), b.prompt_id, text[b.prompt_id], b.text,
+                 i.text) for b, i in zip(base, inter, strict=True)]
+
+
 def pairs_from_embedded(texts: Iterable[EmbeddedText], prompts: dict[str, str] | None = None) -> list[Pair]:
     """Complete pairs among embedded texts (events with the same non-empty ``pair_id``, one per
     role), in order of completion; texts without a partner are left out."""
