@@ -68,8 +68,8 @@ def show(name: str, run: PairedRun, seconds: float) -> None:
           f"{len(run.findings)} tested, {len(run.validated)} validated, {seconds:.1f}s")
     print(f"   pair identity accuracy {run.identity_accuracy:.3f} (every bank feature: {bank}) {direction}")
     for f in run.validated:
-        r = f.result
-        print(f"   + P(int>base)={f.p_intervention_higher:.2f} [{r.ci_low:.2f},{r.ci_high:.2f}] p={r.p_value:.1e} "
+        (lo, hi), r = f.ci_intervention_higher, f.result
+        print(f"   + P(int>base)={f.p_intervention_higher:.2f} [{lo:.2f},{hi:.2f}] p={r.p_value:.1e} "
               f"{f.hypothesis.proposer}: {f.text}")
 
 

@@ -132,6 +132,16 @@ def test_an_interval_straddling_the_minimum_escalates_unless_last() -> None:
     assert decide_paired(below, "intervention", LordPlusPlus(0.05), CFG, is_last=True).decision == "rejected"
 
 
+def test_the_e_process_decides_when_configured() -> None:
+    cfg = PairedConfig(test="e-process")
+    strong = _scores(np.r_[np.ones(120), np.zeros(180)], np.r_[np.zeros(120), np.ones(10), np.zeros(170)])
+    d = decide_paired(strong, "intervention", LordPlusPlus(0.05), cfg)
+    assert d.decision == "validated" and d.result.p_value == pytest.approx(np.exp(-d.result.log_e))
+    assert d.result.p_value >= d.result.sign_p  # anytime validity costs power at a fixed n
+    weak = _scores(np.r_[np.ones(12), np.zeros(288)], np.r_[np.zeros(12), np.ones(6), np.zeros(282)])
+    assert decide_paired(weak, "intervention", LordPlusPlus(0.05), cfg).decision == "rejected"
+
+
 def test_too_few_untied_pairs_spend_no_test() -> None:
     lord = LordPlusPlus(0.05)
     d = decide_paired(_scores(np.r_[np.ones(3), np.zeros(50)], np.zeros(53)), "intervention", lord, CFG)
@@ -164,7 +174,9 @@ def test_findings_say_direction_and_size_in_words() -> None:
                             h.scorer, "offline:features", binary=True)
     r_less = paired_test(np.r_[np.ones(31), np.zeros(69)], np.r_[np.ones(6), np.zeros(94)])  # base claimed
     assert size_in_words(less, r_less) == "in 6% of pairs against 31% for the base model"
-    assert PairedFinding(less, "validated", r_less, 0.01).p_intervention_higher == pytest.approx(1 - r_less.effect)
+    f_less = PairedFinding(less, "validated", r_less, 0.01)
+    assert f_less.p_intervention_higher == pytest.approx(1 - r_less.effect)
+    assert f_less.ci_intervention_higher == pytest.approx((1 - r_less.ci_high, 1 - r_less.ci_low))
     longer = PairedHypothesis("the intervention's answers are longer", "intervention",
                               {"type": "feature", "name": "words"}, "offline:features", unit="words")
     text = size_in_words(longer, paired_test(np.full(10, 120.0), np.r_[np.full(8, 80.0), np.full(2, 200.0)]))

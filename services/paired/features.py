@@ -283,8 +283,8 @@ FEATURES: tuple[Feature, ...] = (
                   "a sentence glued to the next without a space (often a lost line break)"),
     _rate_feature("space_before_punctuation", SPACE_BEFORE_PUNCT, "a space before punctuation (\u201cword .\u201d)"),
     _rate_feature("curly_quotes", CURLY_QUOTE, "curly quotation marks"),
-    Feature("restates_question", restates_the_question, "restate the question in their first sentence more",
-            "restate the question in their first sentence less", "share of the prompt's words"),
+    Feature("restates_question", restates_the_question, "repeat more of the prompt's words in their first sentence",
+            "repeat fewer of the prompt's words in their first sentence", "share of the prompt's words"),
     Feature("copies_prompt", copies_from_the_prompt, "copy more of their wording from the prompt",
             "copy less of their wording from the prompt", "share of word triples"),
 )

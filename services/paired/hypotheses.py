@@ -103,7 +103,14 @@ class PairedFinding:
         e = self.result.effect
         return e if self.hypothesis.direction == "intervention" else 1.0 - e
 
+    @property
+    def ci_intervention_higher(self) -> tuple[float, float]:
+        """The interval of ``p_intervention_higher``."""
+        r = self.result
+        return (r.ci_low, r.ci_high) if self.hypothesis.direction == "intervention" else (1 - r.ci_high, 1 - r.ci_low)
+
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "decision": self.decision, "level": self.level, "reason": self.reason,
-                "p_intervention_higher": self.p_intervention_higher, "calls": self.calls,
+                "p_intervention_higher": self.p_intervention_higher,
+                "ci_intervention_higher": list(self.ci_intervention_higher), "calls": self.calls,
                 "cost_usd": self.cost_usd, "hypothesis": self.hypothesis.to_dict(), "result": asdict(self.result)}
