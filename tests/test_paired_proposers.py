@@ -125,3 +125,15 @@ def test_direction_ends_are_described_by_features() -> None:
 
 def test_no_direction_without_vectors() -> None:
     assert find_embedding_direction(make_pairs(50, neutral_answer, neutral_answer)) is None
+
+
+def test_driver_encodes_pairs_for_the_direction_when_given_an_encoder() -> None:
+    from services.core.config import Config, EmbedderConfig
+    from services.embedder.hashing import HashingEncoder
+    from services.paired.discover import discover_paired
+
+    pairs = make_pairs(200, neutral_answer, formal)
+    run = discover_paired(pairs, Config(), encoder=HashingEncoder(EmbedderConfig(backend="hashing")),
+                          feature_bank=False)
+    assert run.direction is not None and run.direction.p_value < 0.01 and run.direction.auc > 0.7
+    assert discover_paired(pairs, Config(), feature_bank=False).direction is None

@@ -38,7 +38,7 @@ from services.paired.direction import (
 from services.paired.features import FeatureCache
 from services.paired.hypotheses import PairedFinding, PairedHypothesis
 from services.paired.identity import identity_accuracy_of
-from services.paired.pairs import Pair, have_vectors, split_pairs
+from services.paired.pairs import Pair, have_vectors, split_pairs, with_vectors
 from services.paired.proposers import drop_redundant, find_features_that_differ, find_phrases_that_distinguish, screen
 from services.paired.scorers import FeatureScorer, make_scorer
 from services.stats.fdr import LordPlusPlus
@@ -110,11 +110,17 @@ async def discover_paired_async(pairs: Sequence[Pair], cfg: Config, *, llm: LLMC
     """Propose on label pairs, decide every proposal on held-out pairs, measure identity accuracy.
 
     ``cache`` keeps feature rows between calls on the same texts (pair-swap nulls); ``embed``
-    deduplicates LLM axes by meaning (default: word overlap); ``feature_bank=False`` skips the
-    all-features reference accuracy.
+    deduplicates LLM axes by meaning (default: the encoder's vectors, else word overlap); with an
+    ``encoder`` and pairs without vectors, the pairs are encoded for the direction;
+    ``feature_bank=False`` skips the all-features reference accuracy.
     """
     pc = cfg.paired
     cache = cache if cache is not None else FeatureCache()
+    if encoder is not None:
+        embed = embed or encoder.encode
+        if pc.direction and pairs and not have_vectors(pairs):
+            pairs = with_vectors(pairs, encoder.encode([p.base for p in pairs]),
+                                 encoder.encode([p.intervention for p in pairs]))
     label, held = split_pairs(pairs, pc.label_fraction)
     hypotheses, n_proposed, direction = await propose_paired(label, cfg, cache=cache, llm=llm, embed=embed, seed=seed)
     lord = LordPlusPlus(cfg.validator.alpha)
