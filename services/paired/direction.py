@@ -113,7 +113,7 @@ def describe_direction_ends(direction: Direction, label_pairs: Sequence[Pair], c
                             cache: FeatureCache | None = None, max_features: int = 5) -> list[PairedHypothesis]:
     """Offline labeler of the two ends: features whose values separate the ends best (AUC of the
     intervention end against the base end, furthest from 1/2 first) and phrases by log-odds."""
-    cache = cache or FeatureCache()
+    cache = cache if cache is not None else FeatureCache()  # an empty cache is falsy
     top_items, bottom_items = direction_ends(direction, label_pairs, cfg.direction_end_texts)
     if not top_items:
         return []

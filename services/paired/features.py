@@ -13,9 +13,10 @@ restate the question differ there, and the prompt is part of every pair.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from types import MappingProxyType
 
 import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
@@ -288,7 +289,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("copies_prompt", copies_from_the_prompt, "copy more of their wording from the prompt",
             "copy less of their wording from the prompt", "share of word triples"),
 )
-FEATURES_BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
+FEATURES_BY_NAME: Mapping[str, Feature] = MappingProxyType({f.name: f for f in FEATURES})
 
 
 def feature(name: str) -> Feature:

@@ -40,7 +40,7 @@ def label_evidence(scores_base: np.ndarray, scores_intervention: np.ndarray) -> 
 
 def find_features_that_differ(label_pairs: Sequence[Pair], cache: FeatureCache | None = None) -> list[PairedHypothesis]:
     """One hypothesis per feature of the bank, in the direction the label split shows."""
-    cache = cache or FeatureCache()
+    cache = cache if cache is not None else FeatureCache()  # an empty cache is falsy
     prompts = [p.prompt for p in label_pairs]
     fb = cache.matrix([p.base for p in label_pairs], prompts)
     fi = cache.matrix([p.intervention for p in label_pairs], prompts)
@@ -103,7 +103,7 @@ def distinguishing_phrases(higher: list[str], lower: list[str], cfg: PairedConfi
     """(phrases over-represented in ``higher``, phrases over-represented in ``lower``): words and
     two-word phrases by log-odds with an informative Dirichlet prior, stop words kept because
     style lives in them; one computation gives both sides (z is antisymmetric)."""
-    cache = cache or FeatureCache()
+    cache = cache if cache is not None else FeatureCache()  # an empty cache is falsy
     names, z, y_h, y_l = term_log_odds(cache.terms(higher), cache.terms(lower), min_count=MIN_PHRASE_COUNT)
     return _pick(names, z, y_h, cfg), _pick(names, -z, y_l, cfg)
 
