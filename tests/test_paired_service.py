@@ -14,7 +14,8 @@ from services.core.events import EmbeddedText, Event, Hypothesis, stable_id
 from services.core.runtime import ServiceContext
 from services.paired.decision import decide_paired
 from services.paired.pairs import is_label_pair
-from services.paired.service import PairedService, score_paired_hypothesis
+from services.paired.scorers import make_scorer
+from services.paired.service import PairedService, hypothesis_from_event, score_paired_hypothesis
 from services.stats.fdr import LordPlusPlus
 
 
@@ -62,6 +63,10 @@ async def test_service_proposes_from_label_pairs_and_its_events_validate(redis_u
     exclaim = [h for h in first if h.scorer.get("name") in ("exclamations", "ends_with_exclamation")
                or "wow" in h.scorer.get("pattern", "")]
     assert exclaim and all(h.direction == "intervention" for h in exclaim)
+    for h in first:
+        back = hypothesis_from_event(h)
+        assert back.hypothesis_id == h.hypothesis_id and back.text == h.text
+        assert back.binary == make_scorer(h.scorer).binary
     scores = await score_paired_hypothesis(exclaim[0])
     assert len(scores.pair_ids) == min(cfg.paired.holdout_pairs, 400 - len(label_ids) // 2)
     assert decide_paired(scores, exclaim[0].direction, LordPlusPlus(0.05), cfg.paired).decision == "validated"

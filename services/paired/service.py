@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 from services.core.events import EmbeddedText, Hypothesis, TextRef
 from services.core.runtime import Incoming, Service
 from services.paired.discover import propose_paired
-from services.paired.features import FeatureCache
+from services.paired.features import FeatureCache, feature
 from services.paired.hypotheses import PairedHypothesis
 from services.paired.pairs import Pair, is_label_pair
 from services.paired.scorers import PairScores, make_scorer
@@ -63,6 +63,19 @@ def hypothesis_event(h: PairedHypothesis, experiment_id: str, label_text_ids: li
                       candidate_id=f"paired:{experiment_id}", cluster_id=-1, direction=h.direction, text=h.text,
                       kind="paired", labeler=h.proposer, label_text_ids=label_text_ids, holdout_texts=holdout,
                       cluster_evidence=dict(h.label_evidence), scorer=dict(h.scorer))
+
+
+def hypothesis_from_event(h: Hypothesis) -> PairedHypothesis:
+    """The PairedHypothesis behind an event (what ``PairedFinding`` needs to word a finding):
+    ``binary`` and ``unit`` follow from the scorer spec."""
+    kind = h.scorer.get("type")
+    binary, unit = False, ""
+    if kind == "feature":
+        f = feature(str(h.scorer["name"]))
+        binary, unit = f.binary, f.unit
+    elif kind == "regex":
+        binary = h.scorer.get("measure", "presence") == "presence"
+    return PairedHypothesis(h.text, h.direction, dict(h.scorer), h.labeler, binary, unit, dict(h.cluster_evidence))
 
 
 async def score_paired_hypothesis(h: Hypothesis, *, cache: FeatureCache | None = None,
