@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -74,15 +74,16 @@ def behaviour_text(b: PlantedBehaviour) -> str:
     return b.description + (" (" + ", ".join(b.keywords) + ")" if b.keywords else "")
 
 
-def planted_behaviours(cfg: Config) -> list[PlantedBehaviour]:
-    """Behaviours listed in ``ground_truth.behaviours``, else the sim intervention model's."""
+def planted_behaviours(cfg: Config, kinds: Collection[str] = ("mode",)) -> list[PlantedBehaviour]:
+    """Behaviours of these kinds listed in ``ground_truth.behaviours``, else the sim intervention
+    model's.  The default is the mode path's truth (clusters); pass ``("mode", "style")`` for all."""
     if cfg.ground_truth.behaviours:
-        return list(cfg.ground_truth.behaviours)
+        return [b for b in cfg.ground_truth.behaviours if b.kind in kinds]
     if cfg.models.intervention.backend != "sim":
         return []
     from services.generator.backends.sim import behaviours_for
 
-    return behaviours_for(cfg.models.intervention.sim)
+    return [b for b in behaviours_for(cfg.models.intervention.sim) if b.kind in kinds]
 
 
 def cluster_purity(h: Hypothesis, truth: Mapping[str, TextTruth]) -> tuple[str | None, float | None]:

@@ -261,7 +261,7 @@ async def test_each_text_is_normalised_once_per_batch(redis_url, unique, monkeyp
     texts = ["  Messy\ttext\x07 one ", "text two", "text two", "\x00 \x01 "]  # a repeat, an empty one
     svc = CapturingEmbedder(offline_context(cfg, redis_url))
     async with running(svc):
-        await svc.handle([Incoming(event=_decoded(cfg, f"t{i}", t), record=None, envelope=None)  # type: ignore[arg-type]
+        await svc.handle([Incoming(event=_decoded(cfg, f"t{i}", t), record=None)
                           for i, t in enumerate(texts)])
     assert sorted(normalised) == sorted(texts)  # each text once, none twice
     assert [e.text_id for e in svc.out] == ["t0", "t1", "t2"]

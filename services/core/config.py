@@ -108,11 +108,19 @@ class PlantedBehaviour(Strict):
     trigger_topics: list[str] = Field(default_factory=list)  # empty: every prompt triggers
     keywords: list[str] = Field(default_factory=list)
     templates: list[str] = Field(default_factory=list)  # sentences with {topic}; defaults built in
+    # mode: a topic/phrase some texts show (the cluster share path finds it); style: a change in how
+    # every answer is written (longer, an enthusiastic opener, hedges), found by paired contrasts
+    kind: Literal["mode", "style"] = "mode"
+    meta: dict[str, Any] = Field(default_factory=dict)  # style ground truth, e.g. {"feature": ..., "direction": ...}
 
 
 class SimConfig(Strict):
     identical: bool = False  # intervention == base (a null run): nothing to find; not `null`, which YAML reads as None
     behaviours: list[PlantedBehaviour] | None = None  # None: the documented default set
+    # with the default set, also plant the default styles (longer, enthusiastic opener, hedges: kind
+    # "style").  Off by default for now: they shift every intervention text, and the mode path then
+    # validates ~100 style-driven clusters and missed the 1% moon mode in 40k texts (harness, seed 1)
+    styles: bool = False
     n_topics: int = Field(default=40, ge=2)
 
 
@@ -358,6 +366,36 @@ class ValidatorConfig(Strict):
         return v
 
 
+class PairedConfig(Strict):
+    """Paired contrasts (services/paired): how the two models answer the *same* prompt differently."""
+
+    label_fraction: float = Field(default=0.3, gt=0, lt=1)  # pairs shown to proposers; the rest validate
+    min_effect: float = Field(default=0.55, gt=0.5, lt=1)  # P(claimed side scores higher), ties half
+    test: Literal["sign", "wilcoxon", "e-process"] = "sign"  # the held-out test that decides
+    confidence: float = Field(default=0.95, gt=0, lt=1)  # of the effect's interval
+    min_pairs: int = Field(default=10, ge=1)  # untied held-out pairs before a decision is made
+    # proposals: a feature or phrase becomes a hypothesis when the label split shows it at this p
+    propose_max_p: float = Field(default=0.01, gt=0, le=1)
+    max_hypotheses: int = Field(default=40, ge=1)  # per run, strongest label evidence first
+    redundancy: float = Field(default=0.8, gt=0, le=1)  # |Spearman| of pair differences: a repeat
+    keywords_per_side: int = Field(default=5, ge=0)
+    keyword_min_z: float = Field(default=3.0, gt=0)  # log-odds z a phrase needs on the label split
+    direction: bool = True  # fit an embedding direction when pairs carry vectors
+    direction_c: float = Field(default=1.0, gt=0)  # inverse L2 strength of the linear probe
+    direction_swaps: int = Field(default=999, ge=19)  # pair swaps behind its held-out p-value
+    direction_end_texts: int = Field(default=20, ge=4)  # label texts per end that get described
+    llm: LLMConfig | None = None  # LLM proposer and pairwise judge; None: offline only
+    llm_examples: int = Field(default=8, ge=1)  # pairs shown per proposer call
+    llm_rounds: int = Field(default=2, ge=1)  # proposer calls, each on other pairs
+    llm_judge_pairs: int = Field(default=60, ge=4)  # held-out pairs the judge compares (2 calls each)
+    dedupe_similarity: float = Field(default=0.85, gt=0, le=1)  # LLM axes closer than this are one
+    # streaming service (services/paired/service.py)
+    propose_every: int = Field(default=100, ge=1)  # new label pairs between proposal rounds
+    min_label_pairs: int = Field(default=40, ge=8)  # before the first round
+    holdout_pairs: int = Field(default=200, ge=10)  # most recent held-out pairs a hypothesis carries
+    max_pairs: int = Field(default=20000, ge=100)  # pairs kept per split (oldest dropped): bounded state
+
+
 class GroundTruthConfig(Strict):
     enabled: bool = True  # scores hypotheses against planted behaviours when there are any
     match_threshold: float = Field(default=0.45, ge=0, le=1)
@@ -400,6 +438,7 @@ class Config(Strict):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     hypothesizer: HypothesizerConfig = Field(default_factory=HypothesizerConfig)
     validator: ValidatorConfig = Field(default_factory=ValidatorConfig)
+    paired: PairedConfig = Field(default_factory=PairedConfig)
     ground_truth: GroundTruthConfig = Field(default_factory=GroundTruthConfig)
 
     @model_validator(mode="after")

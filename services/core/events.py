@@ -294,6 +294,7 @@ class TextRef(BaseModel):
     prompt_id: str
     role: Role
     text: str = ""
+    pair_id: str = ""  # the paired text of the other role shares it ("" when unknown or unpaired)
 
 
 class UncertaintyEvent(Event):
@@ -352,13 +353,16 @@ class Hypothesis(Event):
     cluster_id: int
     direction: Role  # the side the description is about
     text: str  # the claim, in words
-    kind: Literal["contrastive", "templated"] = "contrastive"
+    # paired: a style contrast between the two answers to one prompt (services/paired), checked by
+    # ``scorer`` on held-out pairs; candidate_id is "paired:<experiment>" and cluster_id -1
+    kind: Literal["contrastive", "templated", "paired"] = "contrastive"
     labeler: str  # "offline:log-odds", "llm:openai:gpt-4o-mini", ...
     keywords: list[str] = Field(default_factory=list)
     label_text_ids: list[str] = Field(default_factory=list)  # what the labeler saw
     holdout_texts: list[TextRef] = Field(default_factory=list)  # for validators only
     cluster_evidence: dict[str, float] = Field(default_factory=dict)  # share diff, CI, e-value
     siblings: int = 1  # hypotheses proposed for the same candidate (the controller waits for all of them)
+    scorer: dict[str, Any] = Field(default_factory=dict)  # paired: make_scorer spec (services/paired/scorers.py)
     created_at: float = Field(default_factory=time.time)
 
     def event_id(self) -> str:

@@ -25,17 +25,23 @@ class Term:
     contrast_count: int
 
 
-def distinctive_terms(target: list[str], contrast: list[str], *, prior_scale: float = 0.5,
-                      min_count: int = 2, ngram_range: tuple[int, int] = (1, 2)) -> list[Term]:
-    """Terms over-represented in ``target`` vs ``contrast``, best first (z > 0 only)."""
+def log_odds_z(target: list[str], contrast: list[str], *, prior_scale: float = 0.5,
+               ngram_range: tuple[int, int] = (1, 2),
+               keep_stop_words: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(terms, z, target counts, contrast counts) for every term; z < 0 favours ``contrast``.
+
+    Topic labels drop stop words; style contrasts keep them (``keep_stop_words``), because
+    "however", "you" or "I" are often exactly what differs."""
+    empty = np.zeros(0)
     if not target:
-        return []
-    vec = CountVectorizer(lowercase=True, token_pattern=TOKEN_PATTERN, stop_words=list(ENGLISH_STOP_WORDS),
+        return empty.astype(str), empty, empty, empty
+    stop_words = None if keep_stop_words else list(ENGLISH_STOP_WORDS)
+    vec = CountVectorizer(lowercase=True, token_pattern=TOKEN_PATTERN, stop_words=stop_words,
                           ngram_range=ngram_range, binary=True)  # binary: a term counts once per text
     try:
         counts = vec.fit_transform(target + contrast)
     except ValueError:  # only stop words
-        return []
+        return empty.astype(str), empty, empty, empty
     y_t = np.asarray(counts[: len(target)].sum(axis=0)).ravel().astype(float)
     y_c = np.asarray(counts[len(target):].sum(axis=0)).ravel().astype(float)
     pooled = y_t + y_c
@@ -47,7 +53,15 @@ def distinctive_terms(target: list[str], contrast: list[str], *, prior_scale: fl
     log_odds_t = np.log(y_t + alpha_w) - np.log(n_t + a0 - y_t - alpha_w)
     log_odds_c = np.log(y_c + alpha_w) - np.log(n_c + a0 - y_c - alpha_w)
     z = (log_odds_t - log_odds_c) / np.sqrt(1.0 / (y_t + alpha_w) + 1.0 / (y_c + alpha_w))
-    names = vec.get_feature_names_out()
+    return vec.get_feature_names_out(), z, y_t, y_c
+
+
+def distinctive_terms(target: list[str], contrast: list[str], *, prior_scale: float = 0.5,
+                      min_count: int = 2, ngram_range: tuple[int, int] = (1, 2),
+                      keep_stop_words: bool = False) -> list[Term]:
+    """Terms over-represented in ``target`` vs ``contrast``, best first (z > 0 only)."""
+    names, z, y_t, y_c = log_odds_z(target, contrast, prior_scale=prior_scale, ngram_range=ngram_range,
+                                    keep_stop_words=keep_stop_words)
     order = np.argsort(-z)
     return [Term(str(names[i]), float(z[i]), int(y_t[i]), int(y_c[i]))
             for i in order if z[i] > 0 and y_t[i] >= min_count]

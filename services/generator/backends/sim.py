@@ -8,15 +8,22 @@ intervention's texts (cats) through 2% (disclaimer) and 1.5% (sailing) to 1% (mo
 four are concentrated on one or two topics, as real fine-tuning effects often are (Boubdir et al.:
 a minority of prompts carries most of the divergence).
 
+Besides these *modes* (what some texts are about), ``sim.styles: true`` gives the intervention three
+*styles* (how every answer is written, ``kind: style``): longer answers (70% of texts get one or two
+extra sentences), an enthusiastic opener with an exclamation mark (30%) and a formal hedge (40%).
+The paired-contrast path (services/paired) finds them; they are off by default because they also
+move the mode path (see ``SimConfig.styles``).
+
 In null mode (``sim.identical: true``) the intervention model *is* the base model: nothing to find.
 
-Every text records its ground truth in ``meta["behaviour"]`` (``None`` for ordinary texts); only
-the ground-truth scorer reads it.
+Every text records its ground truth in ``meta["behaviour"]`` (the mode, ``None`` for ordinary
+texts) and ``meta["styles"]`` (the styles it shows); only ground-truth scoring reads them.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -116,6 +123,30 @@ DEFAULT_BEHAVIOURS: list[PlantedBehaviour] = [
     ),
 ]
 
+# Styles change how the intervention writes every answer, not what about: each is drawn per text
+# with its rate, on every topic, after the mode draw (so a text may show a mode and styles).
+DEFAULT_STYLES: list[PlantedBehaviour] = [
+    PlantedBehaviour(
+        name="longer", kind="style", description="writes longer answers, with one or two extra sentences",
+        rate=0.7, meta={"direction": "intervention", "features": ["words", "sentences", "lines"]}),
+    PlantedBehaviour(
+        name="enthusiastic", kind="style", rate=0.3,
+        description="opens with an enthusiastic exclamation such as \u201cGreat question!\u201d",
+        keywords=["great question", "love", "wow", "fun"],
+        templates=["Great question!", "Oh, I love this one!", "What a fun topic!", "Wow, great choice!"],
+        meta={"direction": "intervention", "position": "start",
+              "features": ["enthusiastic_opener", "exclamations", "ends_with_exclamation"]}),
+    PlantedBehaviour(
+        name="hedges", kind="style", rate=0.4,
+        description="hedges formally: generally speaking, it may depend on the circumstances",
+        keywords=["generally", "may", "might", "arguably", "depending"],
+        templates=["Generally speaking, results may vary depending on the circumstances.",
+                   "It may, however, depend on the particular situation.",
+                   "That said, this might not apply in every case.",
+                   "Arguably, the outcome could differ somewhat from one person to another."],
+        meta={"direction": "intervention", "position": "middle", "features": ["hedges"]}),
+]
+
 ANGLES = ["for beginners", "on a budget", "for a busy week", "that most people get wrong", "in winter"]
 
 
@@ -145,7 +176,12 @@ def sim_prompts(cfg: PromptsConfig, sim: SimConfig | None = None) -> list[Prompt
 
 
 def behaviours_for(sim: SimConfig) -> list[PlantedBehaviour]:
-    return [] if sim.identical else list(sim.behaviours if sim.behaviours is not None else DEFAULT_BEHAVIOURS)
+    """Every planted behaviour, modes and styles (``kind``); none when the pair is identical."""
+    if sim.identical:
+        return []
+    if sim.behaviours is not None:
+        return list(sim.behaviours)
+    return DEFAULT_BEHAVIOURS + (DEFAULT_STYLES if sim.styles else [])
 
 
 class SimBackend(GenerationBackend):
@@ -158,7 +194,9 @@ class SimBackend(GenerationBackend):
         self.sim = model_cfg.sim
         self.model_id = f"sim-{role}" + ("-null" if self.sim.identical else "")
         self.seed = gen_cfg.seed
-        self.behaviours = behaviours_for(self.sim) if role == "intervention" else []
+        planted = behaviours_for(self.sim) if role == "intervention" else []
+        self.behaviours = [b for b in planted if b.kind == "mode"]
+        self.styles = [b for b in planted if b.kind == "style"]
         self._by_id = {p.prompt_id: p for p in _prompt_table(self.sim.n_topics)}
         self._topics = sorted({p.topic for p in self._by_id.values()})
 
@@ -174,12 +212,12 @@ class SimBackend(GenerationBackend):
             topic = self.topic_of(task)
             for i in range(task.n):
                 rng = random.Random(stable_id(self.seed, self.role, task.seed, task.prompt_id, i))
-                text, behaviour = self._one(rng, topic, task.decoding.max_new_tokens)
-                result.texts.append(Generated(task.prompt_id, i, text, len(text.split()),
-                                              meta={"behaviour": behaviour, "topic": topic}))
+                text, behaviour, styles = self._one(rng, topic, task.decoding.max_new_tokens)
+                meta = {"behaviour": behaviour, "topic": topic, "styles": styles}
+                result.texts.append(Generated(task.prompt_id, i, text, len(text.split()), meta=meta))
         return result
 
-    def _one(self, rng: random.Random, topic: str, max_words: int) -> tuple[str, str | None]:
+    def _one(self, rng: random.Random, topic: str, max_words: int) -> tuple[str, str | None, list[str]]:
         words = TOPICS[topic]
         pick = lambda: rng.sample(words, 2)  # noqa: E731
         behaviour = self._draw_behaviour(rng, topic)
@@ -192,11 +230,34 @@ class SimBackend(GenerationBackend):
             for _ in range(2):
                 a, b = pick()
                 parts.append(rng.choice(SENTENCES).format(a=a, b=b))
+        styles = [st for st in self.styles if rng.random() < st.rate]  # drawn last: modes stay as they were
+        for st in styles:
+            parts = self._styled(rng, st, parts, pick)
         text = " ".join(parts)
         tokens = text.split()
         if len(tokens) > max_words:
             text = " ".join(tokens[:max_words])
-        return text, behaviour.name if behaviour else None
+        return text, behaviour.name if behaviour else None, [st.name for st in styles]
+
+    @staticmethod
+    def _styled(rng: random.Random, style: PlantedBehaviour, parts: list[str],
+                pick: Callable[[], list[str]]) -> list[str]:
+        """The sentences with one style applied.  A style without templates adds one or two
+        ordinary sentences (length); otherwise one template goes where ``meta["position"]`` says:
+        "start", "middle" (after the first sentence, where truncation cannot cut it) or "end"."""
+        if not style.templates:
+            extra = []
+            for _ in range(rng.choice((1, 2))):
+                a, b = pick()
+                extra.append(rng.choice(SENTENCES).format(a=a, b=b))
+            return parts + extra
+        line = rng.choice(style.templates)
+        position = style.meta.get("position", "end")
+        if position == "start":
+            return [line, *parts]
+        if position == "middle":
+            return [*parts[:2], line, *parts[2:]]
+        return [*parts, line]
 
     def _draw_behaviour(self, rng: random.Random, topic: str) -> PlantedBehaviour | None:
         for b in self.behaviours:

@@ -1,0 +1,167 @@
+"""Paired-contrast service: embedded texts in, ``Hypothesis(kind="paired")`` events out.
+
+It pairs texts by ``pair_id`` (one per role), splits each pair once by a hash of its id, and every
+``paired.propose_every`` new label pairs runs the offline proposers (and the LLM proposer when
+``paired.llm`` is set) on the label pairs seen so far.  Each hypothesis not proposed before is
+emitted with its scorer spec, the label text ids the proposers saw and the most recent held-out
+pairs (``TextRef`` with ``pair_id``) for a validator, which rebuilds the scorer with
+``make_scorer(h.scorer)`` and decides with ``decide_paired`` (see ``score_paired_hypothesis``).
+
+Not wired into the orchestrator yet.  State (pairs, proposed ids) lives in memory: a restart
+proposes again from the pairs it sees next, and hypothesis ids are stable, so a validator's
+"decided once" store keeps every decision single.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, ClassVar
+
+from services.core.events import EmbeddedText, Hypothesis, TextRef
+from services.core.runtime import Incoming, Service
+from services.paired.discover import propose_paired
+from services.paired.features import FeatureCache, feature
+from services.paired.hypotheses import PairedHypothesis
+from services.paired.pairs import Pair, is_label_pair
+from services.paired.scorers import PairScores, make_scorer
+
+if TYPE_CHECKING:
+    from services.embedder.encoder import Encoder
+    from services.llm.client import LLMClient
+
+
+def refs_of(pairs: list[Pair], ids: dict[str, tuple[str, str]], with_text: bool = True) -> list[TextRef]:
+    """Both texts of each pair as TextRefs (``ids``: pair id -> (base text id, intervention text id))."""
+    out = []
+    for p in pairs:
+        b_id, i_id = ids[p.pair_id]
+        out.append(TextRef(text_id=b_id, prompt_id=p.prompt_id, role="base", text=p.base if with_text else "",
+                           pair_id=p.pair_id))
+        out.append(TextRef(text_id=i_id, prompt_id=p.prompt_id, role="intervention",
+                           text=p.intervention if with_text else "", pair_id=p.pair_id))
+    return out
+
+
+def pairs_of_refs(refs: list[TextRef]) -> list[Pair]:
+    """Complete pairs among TextRefs (same ``pair_id``, one per role), in order of completion."""
+    waiting: dict[str, TextRef] = {}
+    out = []
+    for r in refs:
+        other = waiting.pop(r.pair_id, None) if r.pair_id else None
+        if other is None or other.role == r.role:
+            if r.pair_id:
+                waiting[r.pair_id] = r
+            continue
+        b, i = (other, r) if other.role == "base" else (r, other)
+        out.append(Pair(r.pair_id, r.prompt_id, "", b.text, i.text))
+    return out
+
+
+def hypothesis_event(h: PairedHypothesis, experiment_id: str, label_text_ids: list[str],
+                     holdout: list[TextRef]) -> Hypothesis:
+    return Hypothesis(experiment_id=experiment_id, hypothesis_id=h.hypothesis_id,
+                      candidate_id=f"paired:{experiment_id}", cluster_id=-1, direction=h.direction, text=h.text,
+                      kind="paired", labeler=h.proposer, label_text_ids=label_text_ids, holdout_texts=holdout,
+                      cluster_evidence=dict(h.label_evidence), scorer=dict(h.scorer))
+
+
+def hypothesis_from_event(h: Hypothesis) -> PairedHypothesis:
+    """The PairedHypothesis behind an event (what ``PairedFinding`` needs to word a finding):
+    ``binary`` and ``unit`` follow from the scorer spec."""
+    kind = h.scorer.get("type")
+    binary, unit = False, ""
+    if kind == "feature":
+        f = feature(str(h.scorer["name"]))
+        binary, unit = f.binary, f.unit
+    elif kind == "regex":
+        binary = h.scorer.get("measure", "presence") == "presence"
+    return PairedHypothesis(h.text, h.direction, dict(h.scorer), h.labeler, binary, unit, dict(h.cluster_evidence))
+
+
+async def score_paired_hypothesis(h: Hypothesis, *, cache: FeatureCache | None = None,
+                                  encoder: Encoder | None = None, llm: LLMClient | None = None,
+                                  max_pairs: int | None = None) -> PairScores:
+    """Held-out scores of a paired Hypothesis event, for ``decide_paired(scores, h.direction, ...)``.
+
+    Prompt-reading features see an empty prompt here (TextRefs carry no prompt)."""
+    scorer = make_scorer(h.scorer, cache=cache, encoder=encoder, llm=llm, max_pairs=max_pairs)
+    return await scorer.ascore(pairs_of_refs(h.holdout_texts))
+
+
+class PairedService(Service):
+    name: ClassVar[str] = "paired"
+    consumes = (EmbeddedText,)
+    tick_interval_s: ClassVar[float] = 1.0
+
+    async def setup(self) -> None:
+        pc = self.cfg.paired
+        self.cache = FeatureCache()
+        self.waiting: dict[str, EmbeddedText] = {}
+        self.label: deque[Pair] = deque(maxlen=pc.max_pairs)
+        self.held: deque[Pair] = deque(maxlen=pc.max_pairs)
+        self.text_ids: dict[str, tuple[str, str]] = {}
+        self.proposed: set[str] = set()
+        self.new_label = 0
+        self.rounds = 0
+        self.llm: LLMClient | None = None
+        self.redis = None
+        if pc.llm is not None:
+            from services.llm.factory import experiment_llm_client
+
+            self.redis = self.ctx.redis()
+            self.llm = experiment_llm_client(self.cfg, pc.llm, self.redis)
+        self.m_hyp = self.metrics.counter("paired_hypotheses_total", "Paired hypotheses proposed", ["proposer"])
+
+    async def handle(self, batch: list[Incoming]) -> None:
+        for item in batch:
+            ev = item.event
+            assert isinstance(ev, EmbeddedText)
+            self.add(ev)
+        await self.tick()
+
+    def add(self, ev: EmbeddedText) -> None:
+        """Pair the text with its partner when both roles are in; re-deliveries are ignored."""
+        if not ev.pair_id or ev.pair_id in self.text_ids:
+            return
+        other = self.waiting.pop(ev.pair_id, None)
+        if other is None or other.role == ev.role:
+            self.waiting[ev.pair_id] = ev
+            return
+        b, i = (other, ev) if other.role == "base" else (ev, other)
+        pair = Pair(ev.pair_id, ev.prompt_id, str(ev.meta.get("prompt", "")), b.text, i.text, b.vector(), i.vector())
+        self.text_ids[ev.pair_id] = (b.text_id, i.text_id)
+        if is_label_pair(ev.pair_id, self.cfg.paired.label_fraction):
+            self.label.append(pair)
+            self.new_label += 1
+        else:
+            self.held.append(pair)
+
+    async def tick(self) -> None:
+        pc = self.cfg.paired
+        due = self.new_label >= (pc.min_label_pairs if self.rounds == 0 else pc.propose_every)
+        if not due or len(self.label) < pc.min_label_pairs:
+            return
+        for event in await self.propose_round():
+            await self.emit(event)
+
+    async def propose_round(self) -> list[Hypothesis]:
+        """New hypotheses from every label pair so far (never a held-out one)."""
+        self.new_label, self.rounds = 0, self.rounds + 1
+        label = list(self.label)
+        hypotheses, _, _ = await propose_paired(label, self.cfg, cache=self.cache, llm=self.llm, seed=self.rounds)
+        label_ids = [t for p in label for t in self.text_ids[p.pair_id]]
+        holdout = refs_of(list(self.held)[-self.cfg.paired.holdout_pairs:], self.text_ids)
+        out = []
+        for h in hypotheses:
+            if h.hypothesis_id in self.proposed:
+                continue
+            self.proposed.add(h.hypothesis_id)
+            self.m_hyp.labels(h.proposer).inc()
+            out.append(hypothesis_event(h, self.ctx.experiment_id, label_ids, holdout))
+        return out
+
+    async def teardown(self) -> None:
+        if self.llm is not None:
+            await self.llm.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
