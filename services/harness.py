@@ -52,7 +52,7 @@ from services.embedder.cache import embed_with_cache
 from services.embedder.encoder import Encoder
 from services.generator.prompts import load_prompts
 from services.generator.service import GeneratorService
-from services.groundtruth import Match, TextTruth, match_hypotheses, planted_behaviours
+from services.groundtruth import GroundTruthRule, Match, TextTruth, is_finding, planted_behaviours
 from services.hypothesizer.service import HypothesizerService
 from services.stats.fdr import LordPlusPlus
 from services.validator.service import ValidatorService, build_tier
@@ -80,7 +80,7 @@ class HarnessResult:
     hypotheses: list[Hypothesis]
     validations: list[Validation]  # every tier's decision, in order
     final: dict[str, Validation]  # hypothesis id -> its last (non-escalated) decision
-    matches: dict[str, Match]  # hypothesis id -> ground-truth match (validated ones)
+    matches: dict[str, Match]  # hypothesis id -> ground-truth match (findings only)
     found_at: dict[str, int]  # behaviour -> texts generated when first found and validated
     behaviours: list[PlantedBehaviour]
     texts: int
@@ -151,11 +151,8 @@ class Cascade:
         """Every tier's decision for ``h`` until one is final (the last tier always is)."""
         out = []
         for svc, tier, lord in zip(self.services, self.tiers, self.lords, strict=True):
-            scores = None
-            if h.kind != "templated":
-                pos, neg = split_holdout(h, svc.tier_cfg.max_texts)
-                scores = await tier.score(h, pos, neg)
-            v = svc.decide(h, scores, lord)
+            pos, neg = split_holdout(h, svc.tier_cfg.max_texts)
+            v = svc.decide(h, await tier.score(h, pos, neg), lord)
             out.append(v)
             if v.decision != "escalated":
                 break
@@ -201,6 +198,7 @@ class Harness:
         self.policy = policy_cls(cfg.controller, prompts, seed=cfg.experiment.seed)
         self.state = ClusterState(cfg.clusterer, cfg.experiment_id, alpha=cfg.validator.alpha)
         self.behaviours = planted_behaviours(cfg)
+        self.ground_truth = GroundTruthRule.from_config(cfg)  # its encoder loads at the first finding
         self.ctx = _context(cfg)
         self.generator = _CapturingGenerator(self.ctx)
         self.hypothesizer = HypothesizerService(self.ctx)
@@ -300,13 +298,13 @@ class Harness:
             self.final[h.hypothesis_id] = decisions[-1]
             if decisions[-1].decision == "validated":
                 self.policy.observe_explained(h.text_ids)
-                await self._score(h)
+                await self._score(h, decisions[-1])
 
-    async def _score(self, h: Hypothesis) -> None:
-        """Ground truth of a validated hypothesis (cluster purity: the sim's own labels)."""
-        if not self.behaviours:
+    async def _score(self, h: Hypothesis, v: Validation) -> None:
+        """Ground truth of a finding (validated on held-out texts): does its text say a behaviour?"""
+        if not self.behaviours or not is_finding(v.decision, v.auc):
             return
-        m = (await match_hypotheses([h], self.behaviours, truth=self.truth, method="purity"))[0]
+        m = (await self.ground_truth.match([h], truth=self.truth))[0]
         self.matches[h.hypothesis_id] = m
         if m.behaviour is not None and m.behaviour not in self.found_at:
             self.found_at[m.behaviour] = self.n_texts
@@ -339,7 +337,8 @@ def run_experiment(cfg: Config, *, encoder: Encoder | None = None, until_all_fou
     """Run one experiment in process.
 
     The budget is ``controller.max_texts``; with ``until_all_found`` the run also stops once every
-    planted behaviour has a validated hypothesis matching it (by cluster purity).  ``encoder``
+    planted behaviour has a finding (validated on held-out texts) whose text says it
+    (services/groundtruth.py).  ``encoder``
     defaults to the configured embedder (``embedder.backend: hashing`` for the fast one).
     ``policy_cls`` swaps the controller's policy (benchmarks use it for an oracle ceiling).
     """

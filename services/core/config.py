@@ -276,7 +276,6 @@ class HypothesizerConfig(Strict):
     labeler: Literal["offline", "llm"] = "offline"
     labels_per_cluster: int = Field(default=1, ge=1)
     texts_per_side: int = Field(default=10, ge=1)
-    templated: bool = True
     llm: LLMConfig | None = None
 
     @model_validator(mode="after")

@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from services.core.events import ClusterSnapshot, TextRef
-from services.sink.writer import FinalRun, atomic_write_bytes, candidate_texts, load_map_sample
+from services.sink.writer import FinalRun, atomic_write_bytes, candidate_texts, is_finding_row, load_map_sample
 
 log = logging.getLogger("autointerv.sink")
 
@@ -234,7 +234,8 @@ def _validated_section(final: FinalRun, validated: Sequence[Mapping[str, Any]]) 
             "</ul></div>" for side, texts in ex.items())
         meta = (f"cluster {r['cluster_id']} · labeler {escape(r['labeler'])} · keywords "
                 f"{escape(', '.join(r['keywords'] or [])) or '–'} · tiers {escape(r['tier_path'] or '–')}"
-                f" · e-value {_num(r['e_value'], 2)}")
+                f" · e-value {_num(r['e_value'], 2)}"
+                + (f" · mirrors {escape(str(r['mirror_of'])[:12])}" if r.get("mirror_of") else ""))
         parts.append(f"<details open><summary>#{r['rank']} {escape(r['text'])}</summary>"
                      f"<div class='muted'>{meta}</div><div class='ex'>{cols}</div></details>")
     return "".join(parts)
@@ -246,18 +247,20 @@ def _ground_truth_section(gt: Mapping[str, Any] | None) -> str:
     rows = [[escape(b), ", ".join(escape(h[:12]) for h in gt["matched"].get(b, [])) or "<i>missed</i>"]
             for b in gt["planted"]]
     return ("<h2>Ground truth (planted behaviours)</h2>"
-            f"<p>precision {_num(gt['precision'])} ({gt['n_validated_matching']}/{gt['n_validated']}"
-            " validated hypotheses match a behaviour) · recall {_num(gt['recall'])}"
+            f"<p>precision {_num(gt['precision'])} ({gt['n_validated_matching']}/"
+            f"{gt['n_validated'] - gt['n_mirrors']} findings match a behaviour; {gt['n_mirrors']} mirror"
+            f" findings grouped under the finding they mirror) · recall {_num(gt['recall'])}"
             f" ({len(gt['planted']) - len(gt['missed'])}/{len(gt['planted'])} behaviours found).</p>"
-            "<p class='muted'>A hypothesis matches behaviour B when it is about the intervention side and"
-            " more than half of its cluster's texts carry B.</p>"
-            + _table(["behaviour", "validated hypotheses (ids)"], rows))
+            "<p class='muted'>A finding is a hypothesis validated on held-out texts. It matches behaviour B"
+            f" when its text says B: {escape(str(gt['rule']))}, for findings about the intervention side."
+            " Cluster purity is shown per finding in results.jsonl as a diagnostic, not as the rule.</p>"
+            + _table(["behaviour", "findings (ids)"], rows))
 
 
 def render_report(final: FinalRun) -> str:
     rows = final.rows
-    validated = [r for r in rows if r["decision"] == "validated"]
-    others = [r for r in rows if r["decision"] != "validated"]
+    validated = [r for r in rows if is_finding_row(r)]  # validated on held-out texts
+    others = [r for r in rows if not is_finding_row(r)]
     markers = {}
     for r in validated:
         cand = final.state.candidates.get(r["candidate_id"])

@@ -3,7 +3,10 @@
 The service feeds the scores of the over-represented side's held-out texts (positives) and of the
 other side's (negatives) to an AUC test.  Tiers differ in cost and strength:
 
-- ``keyword``: the share of the hypothesis' keywords a text contains.  Free, transparent.
+- ``keyword``: the share of the hypothesis' own content words a text contains (its text minus stop
+  words and the words that frame a claim: "model", "compared", "often", ...).  Free, transparent.
+  It reads the words the hypothesis states, never ``Hypothesis.keywords`` (which an LLM labeler
+  may not state at all), so it validates only what the text says.
 - ``embedding``: cosine similarity between the hypothesis and the text in the embedder's space.
 - ``probe``: out-of-fold logistic-regression probability on the texts' embeddings; it ignores the
   words of the hypothesis and shows how separable the two sides are at all (a ceiling).
@@ -19,9 +22,20 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from services.core.config import TierConfig
 from services.core.events import Hypothesis, TextRef
+from services.hypothesizer.offline import TOKEN_PATTERN
+
+# words that frame a claim (who is compared with whom, how often) rather than say what the texts hold
+FRAME_WORDS = frozenset({
+    "model", "models", "base", "intervention", "compared", "comparison", "often", "frequently", "usually",
+    "tends", "tend", "likely", "writes", "write", "writing", "written", "wrote", "texts", "text", "mention",
+    "mentions", "mentioning", "typical", "typically", "uses", "use", "using", "talks", "talk", "discusses",
+    "discuss", "contains", "contain", "output", "outputs", "response", "responses", "answer", "answers",
+    "side", "sides",
+})
 
 
 @dataclass
@@ -51,9 +65,24 @@ class Tier(ABC):
         pass
 
 
+def hypothesis_words(text: str) -> list[str]:
+    """The content words a hypothesis states, in order, each once, lower-cased and lightly stemmed
+    (a plural "s" dropped, so "cats" also finds "cat"); stop words and FRAME_WORDS removed."""
+    out: list[str] = []
+    for w in re.findall(TOKEN_PATTERN, text.lower()):
+        if w in ENGLISH_STOP_WORDS or w in FRAME_WORDS:
+            continue
+        stem = w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
+        if stem not in out:
+            out.append(stem)
+    return out
+
+
 class KeywordTier(Tier):
+    """Share of the hypothesis' content words (prefix match) found in each text."""
+
     async def score(self, h: Hypothesis, pos: list[TextRef], neg: list[TextRef]) -> TierScores:
-        patterns = [re.compile(r"\b" + re.escape(k.lower()) + r"\w*", re.IGNORECASE) for k in h.keywords]
+        patterns = [re.compile(r"\b" + re.escape(w) + r"\w*", re.IGNORECASE) for w in hypothesis_words(h.text)]
 
         def s(text: str) -> float:
             return sum(1 for p in patterns if p.search(text)) / len(patterns) if patterns else 0.0
