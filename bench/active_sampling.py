@@ -3,8 +3,9 @@
 On the simulated pair with its four planted behaviours (cats 5% of the intervention's texts on
 every prompt; disclaimer 2%, sailing 1.5% and moon 1%, each on a few topics' prompts), each
 strategy runs in process (services/harness.py: the pipeline's own policy, generator, clusterer,
-hypothesizer and validator code) until every behaviour has a validated hypothesis whose cluster is
-mostly that behaviour's texts, or until the cap.  The strategies share every clusterer/validator
+hypothesizer and validator code) until every behaviour has a finding (a hypothesis validated on
+held-out texts) whose text says that behaviour (services/groundtruth.py: cosine to the behaviour in
+the bundled MiniLM >= ground_truth.match_threshold), or until the cap.  The strategies share every clusterer/validator
 setting; only ``controller.strategy`` differs.  A run that hits the cap counts as "> cap" (the
 median is then a lower bound).
 
@@ -150,7 +151,7 @@ def main() -> None:
     args = ap.parse_args()
     encoder = make_encoder(args.encoder)
     print(f"sim pair, planted behaviours; encoder={args.encoder}; cap={args.max_texts:,} texts; "
-          f"seeds={args.seeds}; found = a validated hypothesis whose cluster is mostly that behaviour")
+          f"seeds={args.seeds}; found = a finding validated on held-out texts whose text says that behaviour")
     results: dict[str, list[Run]] = {}
     for strategy in args.strategies.split(","):
         runs = []

@@ -29,8 +29,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from services.core.config import GeneratorConfig, ModelConfig, SimConfig
 from services.core.events import Hypothesis, TextRef, stable_id
+from services.embedder.encoder import Encoder
 from services.generator.backends.base import DecodingParams, GenerationTask
 from services.generator.backends.sim import SimBackend, _prompt_table
 from services.hypothesizer.offline import offline_label
@@ -201,7 +204,10 @@ async def replica_set(replica: int, samples_per_prompt: int, sources: tuple[Sour
         all_labels = {**labels, **{n: label_of(c) for n, c in every.items() if n not in labels}}
         null_by_prompt: dict[str, list[SimPair]] = defaultdict(list)
         if "null_twin" in sources:
-            for p in await sim_pairs(rseed, 2 * samples_per_prompt, identical=True):  # room for every cluster
+            # its own seed: the sim seeds each text by (seed, role, prompt, sample), so with the planted
+            # run's seed the base texts would be the very texts the labels were contrasted with
+            twin_seed = rseed + 1_000_000_000
+            for p in await sim_pairs(twin_seed, 2 * samples_per_prompt, identical=True):  # room for every cluster
                 null_by_prompt[p.prompt_id].append(p)
         for name, c in every.items():
             if "pair_swapped" in sources:
@@ -218,3 +224,21 @@ async def build_set(replicas: int, samples_per_prompt: int = 20, sources: tuple[
     for r in range(replicas):
         out.items += await replica_set(r, samples_per_prompt, sources, seed)
     return out
+
+
+class MemoEncoder:
+    """In-process stand-in for the Redis embedding cache: each distinct text is encoded once
+    (hypothesis sets score the same held-out texts under several labels)."""
+
+    def __init__(self, inner: Encoder) -> None:
+        self.inner = inner
+        self.model_key, self.dim, self.max_chars = inner.model_key, inner.dim, inner.max_chars
+        self.memo: dict[str, np.ndarray] = {}
+        self.encoded = 0  # distinct texts the inner encoder was asked for
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        if todo:
+            self.memo.update(zip(todo, self.inner.encode(todo), strict=True))
+            self.encoded += len(todo)
+        return np.stack([self.memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)

@@ -136,7 +136,7 @@ def test_mirror_rule() -> None:
     assert not mirrors(scope("b", "base", 0.64, ("travel-0", "travel-1") * 5), moon)  # other prompts
     assert not mirrors(scope("b", "base", 0.99, HISTORY), moon)  # more one-sided than the "original"
     # half of the base finding's texts on the Moon finding's prompts: just enough; less is not
-    half = scope("b", "base", 0.6, HISTORY[:2] + ("travel-0", "travel-1"))
+    half = scope("b", "base", 0.6, (*HISTORY[:2], "travel-0", "travel-1"))
     assert mirrors(half, scope("m", "intervention", 0.9, HISTORY[:2]))
     assert not mirrors(half, scope("m", "intervention", 0.9, HISTORY[:1]))
     # a finding spread over every prompt (cats) mirrors nothing narrow, and nothing narrow mirrors it

@@ -36,7 +36,6 @@ from services.validator.tiers import (
     EmbeddingTier,
     KeywordTier,
     LLMTier,
-    ProbeTier,
     Tier,
     TierScores,
     split_holdout,
@@ -58,9 +57,8 @@ async def build_tier(cfg: Config, c: TierConfig, *, encoder: Callable[[], Awaita
     encoder, the embedding cache and LLM clients come from."""
     if c.kind == "keyword":
         return KeywordTier(c)
-    if c.kind in ("embedding", "probe"):
-        enc, vectors = await encoder(), cache()
-        return EmbeddingTier(c, enc, vectors) if c.kind == "embedding" else ProbeTier(c, enc, vectors)
+    if c.kind == "embedding":
+        return EmbeddingTier(c, await encoder(), cache())
     if c.kind == "llm":
         assert c.llm is not None  # TierConfig requires it for this kind
         return LLMTier(c, llm_client(c.llm))

@@ -8,8 +8,6 @@ other side's (negatives) to an AUC test.  Tiers differ in cost and strength:
   It reads the words the hypothesis states, never ``Hypothesis.keywords`` (which an LLM labeler
   may not state at all), so it validates only what the text says.
 - ``embedding``: cosine similarity between the hypothesis and the text in the embedder's space.
-- ``probe``: out-of-fold logistic-regression probability on the texts' embeddings; it ignores the
-  words of the hypothesis and shows how separable the two sides are at all (a ceiling).
 - ``llm``: an LLM rates 0-100 how likely the text is from the described side.  Texts whose answer
   cannot be parsed are dropped and counted, never scored 0.5.
 """
@@ -21,7 +19,6 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-import numpy as np
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from services.core.config import TierConfig
@@ -105,32 +102,6 @@ class EmbeddingTier(Tier):
         vecs, _ = await embed_with_cache(self.cache, self.encoder, texts)
         sims = vecs[1:] @ vecs[0]
         return TierScores(sims[: len(pos)].tolist(), sims[len(pos):].tolist())
-
-
-class ProbeTier(Tier):
-    """Separability ceiling: cross-validated logistic regression on the embeddings."""
-
-    def __init__(self, cfg: TierConfig, encoder, cache, folds: int = 5) -> None:
-        super().__init__(cfg)
-        self.encoder = encoder
-        self.cache = cache
-        self.folds = folds
-
-    async def score(self, h: Hypothesis, pos: list[TextRef], neg: list[TextRef]) -> TierScores:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-        from services.embedder.cache import embed_with_cache
-
-        if min(len(pos), len(neg)) < self.folds:
-            return TierScores([], [])
-        vecs, _ = await embed_with_cache(self.cache, self.encoder, [t.text for t in pos + neg])
-        y = np.array([1] * len(pos) + [0] * len(neg))
-        cv = StratifiedKFold(n_splits=self.folds, shuffle=True, random_state=0)
-        proba = await asyncio.to_thread(cross_val_predict, LogisticRegression(C=1.0, max_iter=1000), vecs, y,
-                                        cv=cv, method="predict_proba")
-        p1 = proba[:, 1]
-        return TierScores(p1[: len(pos)].tolist(), p1[len(pos):].tolist())
 
 
 class LLMTier(Tier):
