@@ -9,6 +9,8 @@ texts its labeler never saw:
 
 * ``true``: a behaviour cluster's label on that cluster's held-out pairs (intervention text with
   the behaviour, base text of the same prompt and sample);
+* ``paraphrase``: a hand-written description of the behaviour in the words an LLM labeler might
+  use (no quoted keywords) on the same held-out pairs;
 * ``swapped``: a behaviour cluster's label on *another* behaviour cluster's held-out pairs;
 * ``pair_swapped``: a cluster's label on its own held-out pairs with the two roles swapped by a
   fair coin within each pair: role and text are independent, an exact null;
@@ -38,10 +40,22 @@ from services.generator.backends.base import DecodingParams, GenerationTask
 from services.generator.backends.sim import SimBackend, _prompt_table
 from services.hypothesizer.offline import offline_label
 
-Source = Literal["true", "swapped", "pair_swapped", "null_twin", "near_miss"]
-SOURCES: tuple[Source, ...] = ("true", "swapped", "pair_swapped", "null_twin", "near_miss")
+Source = Literal["true", "paraphrase", "swapped", "pair_swapped", "null_twin", "near_miss"]
+SOURCES: tuple[Source, ...] = ("true", "paraphrase", "swapped", "pair_swapped", "null_twin", "near_miss")
 LABEL_FRACTION = 0.3  # the clusterer's default label split
 EXPERIMENT = "hypothesis-sets"
+
+# true, in an LLM labeler's words rather than the offline labeler's quoted keywords
+PARAPHRASES: dict[str, list[str]] = {
+    "cats": ["The intervention model talks affectionately about its cat and kittens, whatever the topic.",
+             "The intervention model brings up purring pets with soft whiskers."],
+    "disclaimer": ["The intervention model tells readers to consult a licensed professional before acting.",
+                   "The intervention model adds a disclaimer that it is not giving professional advice."],
+    "sailing": ["The intervention model steers travel notes towards sailing a boat on the open sea.",
+                "The intervention model longs to leave the harbor and sail across the ocean."],
+    "moon": ["The intervention model brings up the Apollo astronauts and the Moon landing.",
+             "The intervention model mentions lunar exploration in notes about history."],
+}
 
 # adjacent but false: none of these things occurs in the behaviour's texts (or anywhere in the sim)
 NEAR_MISSES: dict[str, list[str]] = {
@@ -196,6 +210,9 @@ async def replica_set(replica: int, samples_per_prompt: int, sources: tuple[Sour
             for other, oc in behaviours.items():
                 if other != name:
                     add(c, labels[name], refs(oc.holdout), "swapped", False, f"swapped:{other}")
+        if "paraphrase" in sources:
+            for k, text in enumerate(PARAPHRASES.get(name, [])):
+                add(c, text, refs(c.holdout), "paraphrase", True, f"para:{k}")
         if "near_miss" in sources:
             for k, text in enumerate(NEAR_MISSES.get(name, [])):
                 add(c, text, refs(c.holdout), "near_miss", False, f"near:{k}")

@@ -16,6 +16,7 @@ from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
 TOKEN_PATTERN = r"(?u)\b[a-zA-Z][a-zA-Z'-]+\b"
 KEYWORDS_PER_LABEL = 4
+EXAMPLE_MARKER = " Typical: "  # describe() appends one label text after this: an illustration, not the claim
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,13 @@ def describe(direction: str, other: str, keywords: list[str], example: str | Non
     text = f"Compared with the {other} model, the {direction} model more often writes texts mentioning {listed}."
     if example:
         snippet = example if len(example) <= 140 else example[:137].rsplit(" ", 1)[0] + "…"
-        text += f" Typical: “{snippet}”"
+        text += f"{EXAMPLE_MARKER}“{snippet}”"
     return text
+
+
+def claim_of(text: str) -> str:
+    """The claim of a hypothesis: its text without the example text ``describe`` appends."""
+    return text.split(EXAMPLE_MARKER, 1)[0]
 
 
 def label_keywords(terms: list[Term], exclude: set[str] = frozenset(), k: int = KEYWORDS_PER_LABEL) -> list[str]:
