@@ -17,9 +17,13 @@ scored on "null twins" from a run of two identical models.  Each goes through a 
 * every null, swapped labels included, as shipped (one LORD++ stream at alpha / n_tiers,
   min_auc 0.6): the same bound.  Swapped labels are false descriptions but not exact nulls for
   a tier that reads words: a label's generic words ("honestly", "think") can really be more
-  frequent in one behaviour's texts than in the base texts, so at min_auc 0.5 and level alpha
-  they validate far more often than alpha (measured 29 of 84); the effect requirement is what
-  keeps them out;
+  frequent in one behaviour's texts than in the base texts;
+* swapped labels alone, as shipped: at most alpha with 99% confidence (84 of them: this catches
+  gross failures only).  The keyword tier validates none (0/84; 4/84 at min_auc 0.5).  The
+  embedding tier validates 33 of 84 (a known defect, marked xfail strict): its score, the cosine
+  between the claim and a text, differs between two sides that differ in anything, so a wrong
+  label on a real difference clears min_auc about half the time (with MiniLM, bench/cascade.py:
+  17% of swapped labels and 56% of near misses);
 * the planted counterpart: the true hypotheses (each behaviour cluster's own label on its held-out
   texts) validate at a high rate, so a validator that rejects everything fails too.
 
@@ -133,6 +137,19 @@ async def test_null_hypotheses_are_validated_at_most_at_alpha(kind: str, hypothe
     shipped = await decisions(tier_config(kind, min_auc=0.6), encoder, nulls, per_hypothesis=False)
     by_source = Counter(x.source for x, d in zip(nulls, shipped, strict=True) if d == "validated")
     check_rate(sum(by_source.values()), len(nulls), ALPHA, f"{kind} tier as shipped ({dict(by_source)})")
+
+
+@pytest.mark.parametrize("kind", [
+    "keyword",
+    pytest.param("embedding", marks=pytest.mark.xfail(strict=True, reason=(
+        "known defect: the embedding tier validates wrong labels on clusters that really differ "
+        "(33 of 84 swapped labels); an XPASS means it was fixed: drop this mark"))),
+])
+async def test_swapped_labels_are_not_validated_at_the_shipped_min_auc(kind: str, hypothesis_set: HypothesisSet,
+                                                           encoder: MemoEncoder) -> None:
+    swapped = hypothesis_set.of("swapped")
+    got = await decisions(tier_config(kind, min_auc=0.6), encoder, swapped, per_hypothesis=True)
+    assert got.count("validated") <= max_false(len(swapped), ALPHA), f"{got.count('validated')}/{len(swapped)}"
 
 
 @pytest.mark.parametrize("kind", TIERS)
