@@ -7,8 +7,11 @@ PY ?= $(shell for p in python3.11 python3.12 python3.13 python3; do \
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# CPU machines get the CPU build of torch (never a multi-GB CUDA build); GPU machines keep pip's default.
-TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# torch is pinned, from pip's configured index only (no index URL here).  On a machine without
+# nvidia-smi the pinned version must resolve to a CPU build: pip resolves it first without
+# downloading (--dry-run --report) and the install stops with an error if it would pull CUDA
+# packages, instead of fetching gigabytes or falling back to an unpinned torch.  A GPU machine
+# gets the same pinned version, CUDA build allowed.  TORCH_VERSION=... overrides the pin.
 TORCH_VERSION ?= 2.13.0
 
 .PHONY: run test install lint bench bench-all clean
@@ -19,10 +22,17 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	@if $(BIN)/python -c "import torch" 2>/dev/null; then echo "torch already installed"; \
-	elif command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
-	else $(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
-	  || $(BIN)/pip install -q torch --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; fi
+	@set -e; \
+	if $(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null; \
+	then echo "torch $(TORCH_VERSION) already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	else $(BIN)/pip install -q --dry-run --report - "torch==$(TORCH_VERSION)" | $(BIN)/python .ci/torch_plan.py \
+	  || { echo "ERROR: pip's configured index serves torch==$(TORCH_VERSION) only as a CUDA build on this"; \
+	       echo "CPU-only machine (several GB). Configure an index or find-links that serves its CPU build,"; \
+	       echo "or set TORCH_VERSION to a version that has one. Nothing was installed."; exit 1; }; \
+	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	  $(BIN)/python -c "import torch, sys; sys.exit(torch.version.cuda is not None)" \
+	  || { echo "ERROR: the installed torch is a CUDA build on a CPU-only machine"; exit 1; }; fi
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $(STAMP)
 

@@ -4,9 +4,11 @@ On the simulated pair with its four planted behaviours (cats 5% of the intervent
 every prompt; disclaimer 2%, sailing 1.5% and moon 1%, each on a few topics' prompts), each
 strategy runs the shipped pipeline on the in-memory bus (bench/experiments.py: ``build_services``
 in burst mode, a real Redis from ``REDIS_URL``, default 127.0.0.1:6379) until every behaviour has
-a validated hypothesis whose cluster is mostly that behaviour's texts, or until the cap.  The
-strategies share every clusterer/validator setting; only ``controller.strategy`` differs.  A run
-that hits the cap counts as "> cap" (the median is then a lower bound).
+a finding (a hypothesis validated on held-out texts) whose text says that behaviour
+(services/groundtruth.py: cosine to the behaviour in the bundled MiniLM >=
+ground_truth.match_threshold), or until the cap.  The strategies share every clusterer/validator
+setting; only ``controller.strategy`` differs.  A run that hits the cap counts as "> cap" (the
+median is then a lower bound).
 
 ``oracle`` is a reference, not a strategy: the controller service with its policy swapped for one
 whose targeted texts are spread in even shares over exactly the prompts whose topics trigger a
@@ -154,7 +156,7 @@ def main() -> None:
     args = ap.parse_args()
     resources = make_resources(args.encoder)
     print(f"sim pair, planted behaviours; encoder={args.encoder}; cap={args.max_texts:,} texts; "
-          f"seeds={args.seeds}; found = a validated hypothesis whose cluster is mostly that behaviour")
+          f"seeds={args.seeds}; found = a finding validated on held-out texts whose text says that behaviour")
     results: dict[str, list[Run]] = {}
     for strategy in args.strategies.split(","):
         runs = []

@@ -1,222 +1,194 @@
-"""Cascade vs expensive-tier-only validation: expensive calls, tokens, dollars and agreement.
+"""Cascade vs expensive tier alone, on hypotheses whose truth is known: calls saved and agreement.
 
-Hypotheses come from in-process sim runs (services/harness.py): the contrastive hypotheses of
-planted runs and of null runs (these rarely have any: a null run's clusters seldom pass the
-share test), each with its own held-out texts.  Two label sources are compared, because the
-cascade can only save what its cheap tier can decide:
+The hypothesis set (services/hypothesis_sets.py; no pipeline, sim texts from the sim backend) mixes
+true and false hypotheses in stated proportions, per replica:
 
-* ``offline``: the hypotheses exactly as the offline labeler wrote them;
-* ``cluster-terms``: the same hypotheses re-worded from the clusterer's top terms of the cluster
-  at candidate time (``ClusterState.top_terms``: label-split texts only, so the held-out texts
-  stay unseen) with the offline labeler's ``describe``.
+* true (12): each behaviour cluster's offline label (4) and two paraphrases of it in an LLM
+  labeler's words, with no quoted keywords (8);
+* false (24): labels swapped between behaviour clusters (12), near misses ("dogs and puppies" on
+  the cats cluster, "Mars rovers" on the Moon cluster: 8), and each behaviour cluster's label on its
+  pair-swapped held-out texts (2) and on null twins from a run of identical models (2).
 
-A stress set re-scores every re-worded hypothesis on texts of a null run (the models are equal, so nothing
-it says can hold): "null twins".
+Two arms through the validator service's own tiers and ``decide`` (LORD++ per tier):
 
-Both arms run through ``services.harness.Cascade`` (the validator service's decision code, LORD++
-per tier at alpha / n_tiers): cascade = keyword (free) -> expensive tier for the escalated
-hypotheses only; expensive-only = the expensive tier decides everything.
+* cascade: the keyword tier (free; it scores the hypothesis' own words) -> the expensive tier for
+  the escalated hypotheses only;
+* expensive-only: the expensive tier decides everything.
 
-No API key here, so the expensive LLM tier is STOOD IN by an offline tier that also reads the
-hypothesis: the embedding tier with the real MiniLM (``--expensive embedding``; or the probe
-tier, ``--expensive probe``, which ignores the hypothesis).  "Calls" are held-out texts scored by
-the expensive tier (one LLM call each in a real run); tokens are estimated from the real scoring
-prompt (``score_text_prompt``, ~4 characters a token) plus ``--output-tokens`` per answer, and
-dollars at the ``LLMConfig`` default prices.
+Both arms run the expensive tier's LORD++ at the same level (alpha / 2: the cascade's per-tier
+level; the expensive-only arm gets validator.alpha = alpha / 2).  Against the expensive tier's own
+decisions, the output gives the cascade's agreement on the true and on the false hypotheses
+separately, and the expensive calls saved (texts the expensive tier scores; one LLM call each in a
+real run).  Both arms are also scored against the truth by construction.
 
-    .venv/bin/python bench/cascade.py [--seeds 3] [--max-texts 8000] [--expensive embedding|probe]
+The expensive tier: an LLM tier (``--llm-provider``, needs its API key), or without a key a STAND-IN
+that differs from the keyword tier in cost and judgement: the embedding tier on the bundled
+all-MiniLM-L6-v2 (a transformer forward pass per text; it judges by meaning, not by words).  The
+output names which one ran and the measured seconds per call of each tier.
 
-The last line is ``expensive_calls_saved=<expensive-only calls / cascade calls>`` for the
-pipeline's hypotheses with the shipped (offline) labels.
+    .venv/bin/python bench/cascade.py [--replicas 10] [--llm-provider openai --llm-model gpt-4o-mini]
+
+Last line: ``expensive_calls_saved=<expensive-only calls / cascade calls>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import random
+import os
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.harness import Cascade, HarnessResult, arun_experiment, sim_config
+from services.core.bus import Topics
+from services.core.config import Config, EmbedderConfig, LLMConfig, load_config
+from services.core.metrics import Metrics
+from services.core.runtime import ServiceContext
+from services.hypothesis_sets import Labelled, MemoEncoder, build_set
+from services.llm.factory import make_budget, make_llm_client
+from services.validator.service import ValidatorService, build_tier
+from services.validator.tiers import Tier, split_holdout
 
-from services.core.config import Config, EmbedderConfig, LLMConfig, TierConfig
-from services.core.events import DecodedText, Hypothesis, TextRef
-from services.embedder.encoder import Encoder, normalise_text
-from services.embedder.hashing import HashingEncoder
-from services.hypothesizer.offline import describe
-from services.hypothesizer.service import KEYWORDS_PER_LABEL as KEYWORDS
-from services.hypothesizer.service import other_role
-from services.llm.contract import estimate_tokens
-from services.llm.prompts import score_text_prompt
-from services.validator.tiers import split_holdout
-
-
-class MemoEncoder:
-    """In-process stand-in for the Redis embedding cache: each distinct text is encoded once."""
-
-    def __init__(self, inner: Encoder) -> None:
-        self.inner = inner
-        self.model_key, self.dim, self.max_chars = inner.model_key, inner.dim, inner.max_chars
-        self.memo: dict[str, np.ndarray] = {}
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return self.encode_normalised([normalise_text(t, self.max_chars) for t in texts])
-
-    def encode_normalised(self, texts: list[str]) -> np.ndarray:
-        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
-        if todo:
-            self.memo.update(zip(todo, self.inner.encode_normalised(todo), strict=True))
-        return np.stack([self.memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+FALSE_PER_REPLICA = {"swapped": 12, "near_miss": 8, "pair_swapped": 2, "null_twin": 2}
 
 
 @dataclass
 class Arm:
     name: str
-    decisions: dict[str, str]  # hypothesis id -> final decision
-    expensive_texts: int  # texts scored by the expensive tier
-    input_tokens: int
-    output_tokens: int
-    decided_at: dict[str, int]  # tier name -> hypotheses decided there
-
-    def usd(self, llm: LLMConfig) -> float:
-        return (self.input_tokens * llm.usd_per_1k_input + self.output_tokens * llm.usd_per_1k_output) / 1000
+    decisions: dict[str, str] = field(default_factory=dict)  # hypothesis id -> final decision
+    expensive_calls: int = 0  # texts scored by the expensive tier
+    decided_at: Counter[str] = field(default_factory=Counter)  # tier -> hypotheses it decided
+    seconds: Counter[str] = field(default_factory=Counter)  # tier -> scoring time
 
 
-def null_twins(hyps: list[Hypothesis], null_texts: list[DecodedText], per: int, max_texts: int,
-               rng: random.Random) -> list[Hypothesis]:
-    """Each hypothesis re-tested on ``max_texts`` texts a side of a run where the models are equal."""
-    by_role = {r: [t for t in null_texts if t.role == r] for r in ("base", "intervention")}
-    out = []
-    for h in hyps:
-        for k in range(per):
-            side = {r: rng.sample(by_role[r], max_texts) for r in by_role}
-            holdout = [TextRef(text_id=t.text_id, prompt_id=t.prompt_id, role=t.role, text=t.text)
-                       for r in ("base", "intervention") for t in side[r]]
-            out.append(h.model_copy(update={"hypothesis_id": f"{h.hypothesis_id}-null{k}",
-                                            "holdout_texts": holdout}))
+def pick(items: list[Labelled], replicas: int) -> list[Labelled]:
+    """The stated mix: every true hypothesis; false ones per replica as in FALSE_PER_REPLICA
+    (pair-swapped and null twins of the behaviour clusters, not of topic clusters)."""
+    out = [x for x in items if x.truth]
+    for r in range(replicas):
+        mine = [x for x in items if x.replica == r and not x.truth and not x.cluster.startswith("topic:")]
+        for source, n in FALSE_PER_REPLICA.items():
+            chosen = [x for x in mine if x.source == source][:n]
+            assert len(chosen) == n, (source, len(chosen))
+            out += chosen
     return out
 
 
-async def run_arm(name: str, cfg: Config, encoder: Encoder, hyps: list[Hypothesis],
-                  output_tokens: int) -> Arm:
-    cascade = await Cascade.build(cfg, encoder)
-    expensive = cfg.validator.tiers[-1]
-    decisions, decided_at = {}, {t.name: 0 for t in cfg.validator.tiers}
-    texts = tokens_in = 0
+def config(alpha: float, tiers: list[dict]) -> Config:
+    return load_config(None, environ={}, overrides={"experiment": {"budget_usd": 5.0},
+                                                    "validator": {"alpha": alpha, "tiers": tiers}})
+
+
+async def run_arm(name: str, cfg: Config, tiers: list[Tier], items: list[Labelled]) -> Arm:
+    """Each hypothesis through the tiers in order, as the services chain them (one LORD++ per tier)."""
+    ctx = ServiceContext(cfg, "in-process:0", "redis://in-process:0", Metrics(), Topics("bench"))
+    services = [ValidatorService(ctx, i) for i in range(len(tiers))]
+    lords = [s.new_lord() for s in services]
+    arm = Arm(name)
+    expensive = cfg.validator.tiers[-1].name
     try:
-        for h in hyps:
-            vs = await cascade.validate(h)
-            decisions[h.hypothesis_id] = vs[-1].decision
-            decided_at[vs[-1].tier] += 1
-            if vs[-1].tier == expensive.name:
-                pos, neg = split_holdout(h, expensive.max_texts)
-                texts += len(pos) + len(neg)
-                tokens_in += sum(estimate_tokens(score_text_prompt(h.text, t.text)) for t in pos + neg)
+        for x in items:
+            h = x.hypothesis
+            for svc, tier, lord in zip(services, tiers, lords, strict=True):
+                pos, neg = split_holdout(h, svc.tier_cfg.max_texts)
+                t0 = time.perf_counter()
+                scores = await tier.score(h, pos, neg)
+                arm.seconds[svc.tier_cfg.name] += time.perf_counter() - t0
+                if svc.tier_cfg.name == expensive:
+                    arm.expensive_calls += len(pos) + len(neg)
+                v = svc.decide(h, scores, lord)
+                if v.decision != "escalated":
+                    arm.decisions[h.hypothesis_id] = v.decision
+                    arm.decided_at[v.tier] += 1
+                    break
     finally:
-        await cascade.aclose()
-    return Arm(name, decisions, texts, tokens_in, texts * output_tokens, decided_at)
+        for s in services:
+            await s.producer.stop()
+    return arm
 
 
-def tiers_config(base: Config, tiers: list[dict]) -> Config:
-    return base.model_copy(update={"validator": base.validator.model_copy(
-        update={"tiers": [TierConfig(**t) for t in tiers]})})
-
-
-@dataclass
-class Sets:
-    offline: list[Hypothesis]  # planted + null runs' contrastive hypotheses, as labelled
-    terms: list[Hypothesis]  # the same, re-worded from the cluster's top terms
-    twins: list[Hypothesis]  # the re-worded ones re-scored on a null run's texts
-
-
-def reworded(h: Hypothesis, terms: list[str]) -> Hypothesis:
-    keywords = terms[:KEYWORDS]
-    text = describe(h.direction, other_role(h.direction), keywords, None)
-    return h.model_copy(update={"hypothesis_id": h.hypothesis_id + "-terms", "text": text,
-                                "keywords": keywords})
-
-
-async def collect(args: argparse.Namespace) -> Sets:
-    hashing = HashingEncoder(EmbedderConfig(backend="hashing"))
-    offline: list[Hypothesis] = []
-    terms: list[Hypothesis] = []
-    null_texts: list[DecodedText] = []
-    for null in (False, True):
-        for seed in range(args.seeds):
-            cfg = sim_config(seed=seed, null=null, max_texts=args.max_texts,
-                             controller={"stop_when_stable": False},
-                             hypothesizer={"labels_per_cluster": args.labels_per_cluster})
-            r: HarnessResult = await arun_experiment(cfg, encoder=hashing, keep_texts=null and seed == 0)
-            hyps = [h for h in r.hypotheses if h.kind == "contrastive"]
-            offline += hyps
-            terms += [reworded(h, r.cluster_terms[h.candidate_id]) for h in hyps]
-            null_texts += r.decoded
-    twins = null_twins(terms, null_texts, args.null_per_hypothesis, 60, random.Random(0))
-    return Sets(offline, terms, twins)
-
-
-def agreement(a: Arm, b: Arm, ids: list[str]) -> float:
-    return sum(a.decisions[i] == b.decisions[i] for i in ids) / len(ids) if ids else float("nan")
-
-
-def report(title: str, hyps: list[Hypothesis], cascade: Arm, only: Arm, llm: LLMConfig) -> float:
-    ids = [h.hypothesis_id for h in hyps]
-    print(f"{title}: {len(ids)} hypotheses")
-    for arm in (cascade, only):
-        validated = sum(arm.decisions[i] == "validated" for i in ids)
-        print(f"  {arm.name:15s} expensive calls {arm.expensive_texts:6,}  tokens in {arm.input_tokens:9,} "
-              f"out {arm.output_tokens:6,}  ${arm.usd(llm):.4f}  validated {validated}/{len(ids)}  "
-              f"decided at {arm.decided_at}")
-    print(f"  agreement of final decisions: {agreement(cascade, only, ids):.1%}")
-    saved = only.expensive_texts / cascade.expensive_texts if cascade.expensive_texts else float("inf")
-    print(f"  expensive calls saved: {saved:.2f}x" + (" (the cascade made no expensive call)"
-                                                      if not cascade.expensive_texts else ""))
-    return saved
-
-
-async def compare(title: str, hyps: list[Hypothesis], encoder: Encoder, args: argparse.Namespace,
-                  llm: LLMConfig) -> float:
-    base = sim_config()
-    expensive = {"name": f"expensive-{args.expensive}", "kind": args.expensive}
-    cheap = {"name": "keyword", "kind": "keyword", "escalate_band": args.escalate_band}
-    out = args.output_tokens
-    cascade = await run_arm("cascade", tiers_config(base, [cheap, expensive]), encoder, hyps, out)
-    only = await run_arm("expensive-only", tiers_config(base, [expensive]), encoder, hyps, out)
-    return report(title, hyps, cascade, only, llm)
+def share(ids: list[str], pred) -> str:
+    k = sum(1 for i in ids if pred(i))
+    return f"{k}/{len(ids)} ({k / len(ids):.1%})" if ids else "-"
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=3, help="planted runs and null runs each")
-    ap.add_argument("--max-texts", type=int, default=8000, help="texts per run")
-    ap.add_argument("--labels-per-cluster", type=int, default=2)
-    ap.add_argument("--null-per-hypothesis", type=int, default=1)
-    ap.add_argument("--expensive", choices=["embedding", "probe"], default="embedding")
-    ap.add_argument("--escalate-band", type=float, default=0.0, help="extra undecided band of the cheap tier")
-    ap.add_argument("--output-tokens", type=int, default=3, help="tokens per scoring answer (a number)")
+    ap.add_argument("--replicas", type=int, default=10)
+    # 45: the smallest behaviour cluster (moon) gets ~60 held-out texts a side, the tiers' max_texts;
+    # at 20 (~20 a side) an all-tied keyword score cannot rule out AUC 0.6 and escalates
+    ap.add_argument("--samples-per-prompt", type=int, default=45)
+    ap.add_argument("--alpha", type=float, default=0.05)
+    ap.add_argument("--llm-provider", choices=["openai", "anthropic", "gemini"], default=None)
+    ap.add_argument("--llm-model", default="gpt-4o-mini")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    sets = await collect(args)
-    print(f"collected {len(sets.offline)} contrastive hypotheses from {args.seeds} planted + {args.seeds} "
-          f"null runs of {args.max_texts:,} texts in {time.perf_counter() - t0:.0f}s")
+    hs = await build_set(args.replicas, args.samples_per_prompt)
+    items = pick(hs.items, args.replicas)
+    n_true = sum(x.truth for x in items)
+    mix = Counter(x.source for x in items)
+    print(f"{len(items)} hypotheses from {args.replicas} replicas ({time.perf_counter() - t0:.0f}s): "
+          f"{n_true} true ({mix['true']} offline labels, {mix['paraphrase']} paraphrases), "
+          f"{len(items) - n_true} false ({', '.join(f'{mix[s]} {s}' for s in FALSE_PER_REPLICA)})")
+
+    llm = LLMConfig(provider=args.llm_provider, model=args.llm_model) if args.llm_provider else None
+    if llm is not None and not os.environ.get(llm.api_key_env or f"{llm.provider.upper()}_API_KEY"):
+        sys.exit(f"--llm-provider {llm.provider}: no API key in the environment")
+    expensive = ({"name": "llm", "kind": "llm", "llm": llm.model_dump()} if llm
+                 else {"name": "embedding-minilm", "kind": "embedding"})
+    what = (f"LLM tier {llm.provider}:{llm.model}" if llm else
+            "STAND-IN (no API key): the embedding tier on the bundled all-MiniLM-L6-v2, which judges "
+            "by meaning (a transformer pass per text), where the keyword tier matches words")
+    print(f"expensive tier: {what}")
     from services.embedder.encoder import load_encoder
 
     minilm = MemoEncoder(load_encoder(EmbedderConfig()))
-    llm = LLMConfig()
-    print(f"EXPENSIVE TIER STAND-IN: no API key, so the {args.expensive} tier with the real MiniLM plays the "
-          f"LLM tier; calls = texts it scores; $ at {llm.model} prices (${llm.usd_per_1k_input}/1K in, "
-          f"${llm.usd_per_1k_output}/1K out, {args.output_tokens} output tokens per call)")
-    saved = await compare("offline labels (as shipped)", sets.offline, minilm, args, llm)
-    await compare("cluster-terms labels", sets.terms, minilm, args, llm)
-    await compare("null twins (cluster-terms labels on a null run's texts)", sets.twins, minilm, args, llm)
+
+    async def given() -> MemoEncoder:
+        return minilm
+
+    budget = make_budget(5.0)
+
+    async def tiers_for(cfg: Config) -> list[Tier]:
+        return [await build_tier(cfg, c, encoder=given, cache=lambda: None,
+                                 llm_client=lambda c: make_llm_client(c, budget=budget))
+                for c in cfg.validator.tiers]
+
+    cheap = {"name": "keyword", "kind": "keyword"}
+    cascade_cfg = config(args.alpha, [cheap, expensive])
+    only_cfg = config(args.alpha / 2, [expensive])  # the expensive tier at the cascade's per-tier level
+    only = await run_arm("expensive-only", only_cfg, await tiers_for(only_cfg), items)
+    if not llm:  # the memo (the embedding cache's stand-in) encodes each distinct text once
+        per_text_s = only.seconds[expensive["name"]] / max(minilm.encoded, 1)
+        print(f"  MiniLM: {minilm.encoded:,} distinct texts encoded, {per_text_s * 1000:.2f} ms per text")
+    cascade = await run_arm("cascade", cascade_cfg, await tiers_for(cascade_cfg), items)
+    kw_calls = sum(len(p) + len(n) for p, n in (split_holdout(x.hypothesis, 60) for x in items))
+    print(f"  keyword tier: {cascade.seconds['keyword'] / kw_calls * 1000:.3f} ms per text scored")
+
+    truth = {x.hypothesis.hypothesis_id: x for x in items}
+    ids_true = [i for i, x in truth.items() if x.truth]
+    ids_false = [i for i, x in truth.items() if not x.truth]
+    for arm in (only, cascade):
+        print(f"{arm.name:15s} expensive calls {arm.expensive_calls:7,}  decided at {dict(arm.decided_at)}  "
+              f"true validated {share(ids_true, lambda i, a=arm: a.decisions[i] == 'validated')}  "
+              f"false rejected {share(ids_false, lambda i, a=arm: a.decisions[i] != 'validated')}")
+    agree = lambda i: cascade.decisions[i] == only.decisions[i]  # noqa: E731
+    print(f"agreement with the expensive tier: true hypotheses {share(ids_true, agree)}, "
+          f"false hypotheses {share(ids_false, agree)}")
+    by_source = Counter(truth[i].source for i in truth if not agree(i))
+    print(f"  disagreements by source: {dict(by_source) or 'none'}")
+    wrong_only = Counter(truth[i].source for i in truth
+                         if (only.decisions[i] == "validated") != truth[i].truth)
+    wrong_cascade = Counter(truth[i].source for i in truth
+                            if (cascade.decisions[i] == "validated") != truth[i].truth)
+    print(f"  wrong by construction: expensive-only {dict(wrong_only) or 'none'}; "
+          f"cascade {dict(wrong_cascade) or 'none'}")
+    saved = only.expensive_calls / cascade.expensive_calls if cascade.expensive_calls else float("inf")
     print(f"expensive_calls_saved={saved:.2f}")
 
 

@@ -24,10 +24,17 @@ from services.core.memory_bus import Record
 from services.core.resources import Resources
 from services.core.runtime import Service
 from services.core.topics import Topics
-from services.groundtruth import TextTruth, cluster_purity, planted_behaviours
+from services.groundtruth import (
+    GroundTruthRule,
+    TextTruth,
+    cluster_purity,
+    is_finding,
+    match_by_text,
+    planted_behaviours,
+)
 from services.orchestrator import MemoryRun, run_memory_pipeline
 
-Matcher = Callable[[Hypothesis, dict[str, TextTruth]], str | None]
+Matcher = Callable[[Hypothesis, dict[str, TextTruth], Config], str | None]
 
 
 def default_redis_url() -> str:
@@ -59,7 +66,32 @@ def sim_config(*, seed: int = 0, null: bool = False, strategy: str = "active", m
     return load_config(None, environ={}, overrides=over)
 
 
-def match_by_purity(h: Hypothesis, truth: dict[str, TextTruth]) -> str | None:
+class MatchByMeaning:
+    """Ground truth as the sink scores it (services/groundtruth.py): a finding matches a planted
+    behaviour when its text says it (cosine in the bundled MiniLM >= ground_truth.match_threshold).
+    The encoder is loaded once, at the first finding, and shared by every run given this matcher."""
+
+    def __init__(self) -> None:
+        self._rules: dict[float, GroundTruthRule] = {}
+
+    def __call__(self, h: Hypothesis, truth: dict[str, TextTruth], cfg: Config) -> str | None:
+        rule = self._rules.get(cfg.ground_truth.match_threshold)
+        if rule is None:
+            rule = self._rules[cfg.ground_truth.match_threshold] = GroundTruthRule.from_config(
+                cfg, encoder_factory=self._shared_encoder)
+        return match_by_text([h], rule.behaviours, rule.encoder(), rule.threshold, truth)[0].behaviour
+
+    def _shared_encoder(self) -> Any:
+        if not hasattr(self, "_encoder"):
+            from services.core.config import EmbedderConfig
+            from services.embedder.encoder import load_encoder
+
+            self._encoder = load_encoder(EmbedderConfig())
+        return self._encoder
+
+
+def match_by_purity(h: Hypothesis, truth: dict[str, TextTruth], cfg: Config) -> str | None:
+    """The sim's own labels: the majority behaviour of the finding's cluster (a diagnostic)."""
     return cluster_purity(h, truth)[0]
 
 
@@ -72,8 +104,8 @@ class ExperimentResult:
     hypotheses: list[Hypothesis]
     validations: list[Validation]
     final: dict[str, Validation]  # hypothesis id -> its final (non-escalated) decision
-    found_at: dict[str, int]  # behaviour -> texts generated when a validated finding first matched it
-    matched: dict[str, str | None]  # validated hypothesis id -> behaviour it matches (None: none)
+    found_at: dict[str, int]  # behaviour -> texts generated when a finding first said it (groundtruth by meaning)
+    matched: dict[str, str | None]  # finding's hypothesis id -> behaviour its text says (None: none)
     behaviours: list[PlantedBehaviour]
     run: MemoryRun
     vectors: np.ndarray | None = None  # every embedded text's vector, in publish order (keep_vectors)
@@ -81,7 +113,8 @@ class ExperimentResult:
 
     @property
     def validated(self) -> list[Hypothesis]:
-        return [h for h in self.hypotheses if (v := self.final.get(h.hypothesis_id)) and v.decision == "validated"]
+        """Findings: hypotheses validated on held-out texts."""
+        return [h for h in self.hypotheses if (v := self.final.get(h.hypothesis_id)) and is_finding(v.decision, v.auc)]
 
     @property
     def all_found(self) -> bool:
@@ -96,6 +129,7 @@ class _Observer:
     """Reads the pipeline's records as they are published (the bus calls it synchronously)."""
 
     def __init__(self, cfg: Config, behaviours: list[PlantedBehaviour], matcher: Matcher, keep_vectors: bool) -> None:
+        self.cfg = cfg
         topics = Topics(cfg.bus.topic_prefix)
         self.names = {topics.name(t): t for t in ("texts", "embeddings", "candidates", "hypotheses", "validations")}
         self.behaviours = behaviours
@@ -133,10 +167,11 @@ class _Observer:
                     self._score(v)
 
     def _score(self, v: Validation) -> None:
+        """Ground truth of a finding (validated on held-out texts) as it arrives."""
         h = self.hypotheses.get(v.hypothesis_id) or v.hypothesis
-        if h is None or not self.behaviours:
+        if h is None or not self.behaviours or not is_finding(v.decision, v.auc):
             return
-        name = self.matcher(h, self.truth)
+        name = self.matcher(h, self.truth, self.cfg)
         self.matched[h.hypothesis_id] = name
         if name is not None and name not in self.found_at:
             self.found_at[name] = self.texts
@@ -146,14 +181,14 @@ class _Observer:
 
 
 async def arun(cfg: Config, *, redis_url: str | None = None, until_all_found: bool = False,
-               matcher: Matcher = match_by_purity, keep_vectors: bool = False, with_sink: bool = False,
+               matcher: Matcher | None = None, keep_vectors: bool = False, with_sink: bool = False,
                resources: Resources | None = None,
                replace: Mapping[str, type[Service]] | None = None) -> ExperimentResult:
     """Run one experiment on the memory bus.  ``until_all_found`` stops once every planted behaviour
     has a matching validated finding; the sink (run directory, report) runs only ``with_sink``.
     Pass one ``resources`` to many runs so the embedding model is loaded once."""
     behaviours = planted_behaviours(cfg)
-    obs = _Observer(cfg, behaviours, matcher, keep_vectors)
+    obs = _Observer(cfg, behaviours, matcher or MatchByMeaning(), keep_vectors)
     until = obs.all_found if until_all_found and behaviours else None
     run = await run_memory_pipeline(cfg, redis_url or default_redis_url(), until=until, observers=[obs],
                                     exclude=() if with_sink else ("sink",), resources=resources, replace=replace)

@@ -1,19 +1,33 @@
-"""Ground-truth mode: score hypotheses against the behaviours planted in the intervention model.
+"""Ground-truth mode: score findings against the behaviours planted in the intervention model.
 
-Three independent ways to say which planted behaviour (if any) a hypothesis describes:
+One definition, used by the sink (summary.json, results), the in-process harness and benchmarks:
 
-* **text**: cosine similarity, in an encoder's space, between the hypothesis text and the
-  behaviour's description plus its keywords; a match needs ``ground_truth.match_threshold``.
-* **purity**: the majority behaviour among the candidate cluster's own texts on the hypothesis'
-  side (label texts and that side's held-out texts; the other side's held-out set may be padded
-  with unrelated texts, so it is not counted).  Needs each text's ``meta["behaviour"]``, which
-  only the simulated pair has.  It says what the cluster *is*, not what the words claim.
-* **judge**: an LLM rates 1-100 how well the hypothesis captures the behaviour
-  (``ground_truth_prompt``); used instead of the text score when ``ground_truth.judge`` is set.
-  An unreadable answer is dropped and counted, never scored.
+* **finding**: a hypothesis whose final decision is "validated" by a held-out test (an AUC on
+  texts its labeler never saw; ``is_finding``).  A share statement is evidence, never a finding.
+* **match**: a finding matches planted behaviour B only if its *text says B*: cosine similarity
+  between the hypothesis and B's description plus keywords, in the bundled all-MiniLM-L6-v2, of at
+  least ``ground_truth.match_threshold``; or, when ``ground_truth.judge`` is configured, the LLM
+  judge's score / 100 of at least the same threshold.  Behaviours are planted in the intervention
+  model, so only hypotheses about the intervention side can match.  Cluster **purity** (the
+  majority behaviour among the cluster's texts on the hypothesis' side, sim only) is reported
+  beside it as a diagnostic: it says what the cluster *is*, not what the words claim, so a label
+  moved to another cluster keeps its match and a right cluster with wrong words gets none.
+* **mirror**: a finding on the other side of the same prompts (the base "more often writes about
+  battles" when the intervention's history notes go to the Moon landing) is true but derived; it is
+  grouped under the finding it mirrors (``group_mirrors``) and counts neither as a false positive
+  nor as a discovery of its own.
 
-Discovery precision = validated hypotheses that match some planted behaviour / validated
-hypotheses; recall = planted behaviours matched by at least one validated hypothesis / planted.
+Discovery precision = findings matching a behaviour / findings that are not mirrors; recall =
+planted behaviours matched by at least one finding / planted behaviours.
+
+The threshold on the bundled MiniLM (measured with ``services.hypothesis_sets``, 20 replicas,
+offline labels): labels of true behaviour clusters score 0.381 at the lowest, 0.462 at the 5th
+percentile and 0.550 at the median against their own behaviour, and at most 0.330 against the
+others; 582 labels of topic clusters whose words name no behaviour score at most 0.495 (99th
+percentile 0.405); hand-written near misses at most 0.486 ("Mars rovers and rockets" against the
+Moon landing); plain paraphrases of a behaviour 0.64-0.84.  At the default 0.45 about 4% of the
+offline labeler's true labels (the noisiest cats labels) do not match, and about 0.3% of wrong
+labels do; the judge is the sharper rule when an LLM is available.
 """
 
 from __future__ import annotations
@@ -21,14 +35,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
-from services.core.config import Config, PlantedBehaviour
-from services.core.events import Hypothesis
+from services.core.config import Config, EmbedderConfig, GroundTruthConfig, LLMConfig, PlantedBehaviour
+from services.core.events import CandidateCluster, Hypothesis
 from services.embedder.encoder import Encoder
 from services.llm.client import LLMClient
 from services.llm.errors import LLMError, ParseError
@@ -37,36 +51,55 @@ from services.llm.prompts import ground_truth_prompt
 
 log = logging.getLogger("autointerv.groundtruth")
 
-Method = Literal["text", "purity", "judge"]
+Method = Literal["text", "judge"]
 TextTruth = tuple[str, str | None]  # (role, planted behaviour or None) of one text
 MAJORITY = 0.5  # purity: more than this share of the side's texts must carry the behaviour
+PLANTED_SIDE = "intervention"  # planted behaviours are the intervention model's
+MIRROR_MIN_OVERLAP = 0.5  # group_mirrors: share of each side's texts on the other's prompts
 
 
 @dataclass(frozen=True)
 class Match:
-    """Which behaviour one hypothesis describes, by each method that could be applied."""
+    """Which behaviour one hypothesis describes: the verdict of the rule and the diagnostics."""
 
     hypothesis_id: str
     behaviour: str | None  # the verdict of ``method``
     method: Method
     text_behaviour: str | None = None  # best behaviour by cosine, if above the threshold
     text_score: float = 0.0  # best cosine
-    purity_behaviour: str | None = None
+    purity_behaviour: str | None = None  # diagnostic only
     purity: float | None = None  # share of the majority label (None: no texts with known truth)
     judge_behaviour: str | None = None
     judge_score: float | None = None  # best judge score / 100 (None: no judge or no readable answer)
     judge_dropped: int = 0  # judge answers for this hypothesis that could not be read (not scored)
 
+    @property
+    def score(self) -> float | None:
+        """The score the verdict was taken on."""
+        return self.judge_score if self.method == "judge" else self.text_score
+
 
 @dataclass(frozen=True)
 class Discovery:
-    precision: float | None  # None when nothing was validated
+    precision: float | None  # None when no finding counts (none, or mirrors only)
     recall: float | None  # None when nothing was planted
     found: list[str]
     missed: list[str]
-    n_validated: int
+    n_validated: int  # findings, mirrors included
     n_validated_matching: int
     per_behaviour: dict[str, list[str]] = field(default_factory=dict)  # behaviour -> hypothesis ids
+    mirrors: dict[str, str] = field(default_factory=dict)  # mirror finding -> the finding it mirrors
+
+    def to_json(self, planted: Sequence[str], rule: str) -> dict[str, object]:
+        return {"rule": rule, "planted": list(planted), "matched": self.per_behaviour, "missed": self.missed,
+                "n_validated": self.n_validated, "n_validated_matching": self.n_validated_matching,
+                "n_mirrors": len(self.mirrors), "mirrors": self.mirrors,
+                "precision": self.precision, "recall": self.recall}
+
+
+def is_finding(decision: str | None, auc: float | None) -> bool:
+    """Validated by a held-out test: an AUC on held-out texts backs the decision."""
+    return decision == "validated" and auc is not None
 
 
 def behaviour_text(b: PlantedBehaviour) -> str:
@@ -87,7 +120,7 @@ def planted_behaviours(cfg: Config, kinds: Collection[str] = ("mode",)) -> list[
 
 
 def cluster_purity(h: Hypothesis, truth: Mapping[str, TextTruth]) -> tuple[str | None, float | None]:
-    """(majority behaviour if it is planted and > MAJORITY, share of the majority label)."""
+    """(majority behaviour if it is planted and > MAJORITY, share of the majority label); diagnostic."""
     ids = list(dict.fromkeys([*h.label_text_ids, *(t.text_id for t in h.holdout_texts)]))
     labels = [truth[i][1] for i in ids if i in truth and truth[i][0] == h.direction]
     if not labels:
@@ -136,17 +169,34 @@ def _best(row: np.ndarray, names: list[str], threshold: float) -> tuple[str | No
     return (names[j] if row[j] >= threshold else None), float(row[j])
 
 
+def match_by_text(hypotheses: Sequence[Hypothesis], behaviours: Sequence[PlantedBehaviour], encoder: Encoder,
+                  threshold: float = 0.45, truth: Mapping[str, TextTruth] | None = None) -> list[Match]:
+    """The encoder's verdict alone, synchronously (benchmarks score findings as they stream by)."""
+    names = [b.name for b in behaviours]
+    sims = text_scores(hypotheses, behaviours, encoder)
+    out = []
+    for i, h in enumerate(hypotheses):
+        tb, ts = _best(sims[i], names, threshold)
+        pb, purity = cluster_purity(h, truth) if truth is not None else (None, None)
+        verdict = tb if h.direction == PLANTED_SIDE else None
+        out.append(Match(h.hypothesis_id, verdict, "text", tb, ts or 0.0, pb, purity))
+    return out
+
+
 async def match_hypotheses(hypotheses: Sequence[Hypothesis], behaviours: Sequence[PlantedBehaviour], *,
                            encoder: Encoder | None = None, threshold: float = 0.45,
-                           truth: Mapping[str, TextTruth] | None = None, judge: LLMClient | None = None,
-                           method: Method | None = None) -> list[Match]:
-    """One :class:`Match` per hypothesis.
+                           truth: Mapping[str, TextTruth] | None = None,
+                           judge: LLMClient | None = None) -> list[Match]:
+    """One :class:`Match` per hypothesis: the judge's verdict when given, else the text score's.
 
-    ``method`` picks the verdict; by default the judge when given, else the text score when an
-    encoder is given, else purity.  The other methods that can run are filled in for comparison.
-    """
+    Only a hypothesis about the planted side can match; purity is filled in when ``truth`` is given."""
+    if encoder is None and judge is None:
+        raise ValueError("ground truth matches by meaning: give an encoder or a judge")
+    if judge is None:
+        assert encoder is not None
+        return match_by_text(hypotheses, behaviours, encoder, threshold, truth)
     names = [b.name for b in behaviours]
-    method = method or ("judge" if judge is not None else "text" if encoder is not None else "purity")
+    method: Method = "judge" if judge is not None else "text"
     sims = text_scores(hypotheses, behaviours, encoder) if encoder is not None else None
     judged = (await judge_scores(hypotheses, behaviours, judge))[0] if judge is not None else None
     out = []
@@ -154,27 +204,133 @@ async def match_hypotheses(hypotheses: Sequence[Hypothesis], behaviours: Sequenc
         tb, ts = _best(sims[i], names, threshold) if sims is not None else (None, None)
         jb, js = _best(judged[i], names, threshold) if judged is not None else (None, None)
         pb, purity = cluster_purity(h, truth) if truth is not None else (None, None)
-        verdict = {"text": tb, "judge": jb, "purity": pb}[method]
+        verdict = (jb if method == "judge" else tb) if h.direction == PLANTED_SIDE else None
         dropped = int(np.isnan(judged[i]).sum()) if judged is not None else 0
         out.append(Match(h.hypothesis_id, verdict, method, tb, ts or 0.0, pb, purity, jb, js, dropped))
     return out
 
 
-def precision_recall(matches: Iterable[Match], validated_ids: Iterable[str],
-                     behaviours: Sequence[PlantedBehaviour] | Sequence[str]) -> Discovery:
-    """Discovery precision and recall of the validated hypotheses (see the module docstring)."""
+@dataclass
+class GroundTruthRule:
+    """The configured rule (threshold, judge) with its encoder, loaded once when first needed."""
+
+    behaviours: list[PlantedBehaviour]
+    threshold: float = 0.45
+    judge: LLMConfig | None = None
+    budget_usd: float = 0.0
+    encoder_factory: Callable[[], Encoder] | None = None  # default: the bundled MiniLM
+    _encoder: Encoder | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, encoder_factory: Callable[[], Encoder] | None = None) -> GroundTruthRule:
+        gt: GroundTruthConfig = cfg.ground_truth
+        return cls(planted_behaviours(cfg), gt.match_threshold, gt.judge, cfg.experiment.budget_usd, encoder_factory)
+
+    @property
+    def name(self) -> str:
+        if self.judge is not None:
+            return f"judge {self.judge.provider}:{self.judge.model} score >= {self.threshold}"
+        return f"cosine to the behaviour (all-MiniLM-L6-v2) >= {self.threshold}"
+
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            if self.encoder_factory is not None:
+                self._encoder = self.encoder_factory()
+            else:
+                from services.embedder.encoder import load_encoder
+
+                self._encoder = load_encoder(EmbedderConfig())  # the threshold is set for this model
+        return self._encoder
+
+    async def match(self, hypotheses: Sequence[Hypothesis], truth: Mapping[str, TextTruth] | None = None
+                    ) -> list[Match]:
+        if not hypotheses or not self.behaviours:
+            return [Match(h.hypothesis_id, None, "text") for h in hypotheses]
+        if self.judge is None:
+            return await match_hypotheses(hypotheses, self.behaviours, encoder=self.encoder(),
+                                          threshold=self.threshold, truth=truth)
+        from services.llm.factory import make_budget, make_llm_client
+
+        client = make_llm_client(self.judge, budget=make_budget(self.budget_usd))
+        try:
+            return await match_hypotheses(hypotheses, self.behaviours, judge=client, threshold=self.threshold,
+                                          truth=truth)
+        finally:
+            await client.aclose()
+
+
+# --------------------------------------------------------------------------- mirror findings
+
+
+@dataclass(frozen=True)
+class FindingScope:
+    """Where a finding lives: its side, how one-sided its cluster is, and its side's prompts."""
+
+    hypothesis_id: str
+    direction: str
+    share: float  # share of ``direction`` among the cluster's texts (the candidate's counts)
+    prompts: tuple[str, ...]  # prompt id of each of the cluster's texts on ``direction``'s side
+
+
+def finding_scope(h: Hypothesis, cand: CandidateCluster) -> FindingScope:
+    """The scope of ``h`` from the candidate it was labelled from (label and held-out texts)."""
+    n = cand.count_base + cand.count_intervention
+    mine = cand.count_intervention if h.direction == "intervention" else cand.count_base
+    prompts = tuple(t.prompt_id for t in [*cand.label_texts, *cand.holdout_texts] if t.role == h.direction)
+    return FindingScope(h.hypothesis_id, h.direction, mine / n if n else 0.5, prompts)
+
+
+def _coverage(a: FindingScope, b: FindingScope) -> float:
+    """Share of ``a``'s texts written for prompts on which ``b`` has texts."""
+    if not a.prompts:
+        return 0.0
+    theirs = set(b.prompts)
+    return sum(p in theirs for p in a.prompts) / len(a.prompts)
+
+
+def mirrors(m: FindingScope, o: FindingScope, min_overlap: float = MIRROR_MIN_OVERLAP) -> bool:
+    """``m`` mirrors ``o``: opposite sides, the same prompts, and ``o`` is the more one-sided.
+
+    Same prompts: at least ``min_overlap`` of each one's texts come from prompts the other has
+    texts on (both ways, so a finding spread over every prompt mirrors nothing narrow).  The more
+    one-sided cluster (``o.share > m.share``) is the original: the mode one model writes and the
+    other leaves nearly empty; the mirror is what the first model's texts on those prompts no
+    longer say as often."""
+    return (m.direction != o.direction and o.share > m.share
+            and min(_coverage(m, o), _coverage(o, m)) >= min_overlap)
+
+
+def group_mirrors(scopes: Sequence[FindingScope], min_overlap: float = MIRROR_MIN_OVERLAP) -> dict[str, str]:
+    """mirror id -> id of the finding it mirrors (best overlap; ties to the more one-sided, then id).
+
+    A finding that mirrors another is never an original itself, so groups are one level deep."""
+    originals = [o for o in scopes if not any(mirrors(o, x, min_overlap) for x in scopes)]
+    out: dict[str, str] = {}
+    for m in scopes:
+        cands = [o for o in originals if mirrors(m, o, min_overlap)]
+        if cands:
+            best = max(cands, key=lambda o: (min(_coverage(m, o), _coverage(o, m)), o.share, o.hypothesis_id))
+            out[m.hypothesis_id] = best.hypothesis_id
+    return out
+
+
+def precision_recall(matches: Iterable[Match], finding_ids: Iterable[str],
+                     behaviours: Sequence[PlantedBehaviour] | Sequence[str],
+                     mirror_of: Mapping[str, str] | None = None) -> Discovery:
+    """Discovery precision and recall of the findings (see the module docstring); mirrors count for neither."""
     planted = [b if isinstance(b, str) else b.name for b in behaviours]
     by_id = {m.hypothesis_id: m for m in matches}
-    validated = [i for i in dict.fromkeys(validated_ids)]
+    findings = list(dict.fromkeys(finding_ids))
+    mirror_of = {k: v for k, v in (mirror_of or {}).items() if k in findings and v in findings}
+    counted = [i for i in findings if i not in mirror_of]
     per: dict[str, list[str]] = {}
-    for hid in validated:
+    for hid in counted:
         m = by_id.get(hid)
         if m is not None and m.behaviour is not None:
             per.setdefault(m.behaviour, []).append(hid)
     n_match = sum(len(v) for v in per.values())
-    found = [b for b in planted if b in per]
     return Discovery(
-        precision=n_match / len(validated) if validated else None,
-        recall=len(found) / len(planted) if planted else None,
-        found=found, missed=[b for b in planted if b not in per], n_validated=len(validated),
-        n_validated_matching=n_match, per_behaviour=per)
+        precision=n_match / len(counted) if counted else None,
+        recall=sum(b in per for b in planted) / len(planted) if planted else None,
+        found=[b for b in planted if b in per], missed=[b for b in planted if b not in per],
+        n_validated=len(findings), n_validated_matching=n_match, per_behaviour=per, mirrors=mirror_of)

@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,3 +47,32 @@ def tmp_run_dir(tmp_path: Path) -> Path:
     d = tmp_path / "runs"
     d.mkdir()
     return d
+
+
+# --------------------------------------------------------------------------- tests of the tests
+
+SABOTAGE_ENV = "AUTOINTERV_TEST_SABOTAGE"  # "reject" | "validate": force every held-out decision
+FORCED = {"reject": "rejected", "validate": "validated"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sabotaged_decision() -> Iterator[None]:
+    """With $AUTOINTERV_TEST_SABOTAGE set, the validator's held-out decision (``_auc_decision``, what
+    ``ValidatorService.decide`` runs) is forced to reject or to validate everything, for the whole
+    session (module fixtures included).  tests/test_sabotage.py runs the statistics tests so and
+    asserts they fail; production code has no hook for this."""
+    mode = os.environ.get(SABOTAGE_ENV)
+    if not mode:
+        yield
+        return
+    from services.validator.service import ValidatorService
+
+    forced = FORCED[mode]
+    original = ValidatorService._auc_decision
+
+    def sabotaged(self: ValidatorService, *args: Any, **kwargs: Any) -> Any:
+        return original(self, *args, **kwargs).model_copy(update={"decision": forced})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ValidatorService, "_auc_decision", sabotaged)
+        yield

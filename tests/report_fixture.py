@@ -30,6 +30,8 @@ from services.core.events import (
     TextRef,
     Validation,
 )
+from services.core.config import PlantedBehaviour
+from services.groundtruth import GroundTruthRule
 from services.sink.writer import RunWriter, finalize_run
 
 EXP = "report-fixture"
@@ -38,6 +40,7 @@ E_VALUE = 381740047990.18  # printed as 3.8e11, never as 381740047990.18
 CENTRES = np.eye(8, dtype=np.float32)[:5]  # 0 base, 1 ordinary intervention, 2 cats (3, 4: its halves)
 PAIRED_TEXT = "The intervention's answers end with an exclamation mark more often"
 MIRROR_TEXT = "The base model more often writes about battles"
+CATS = PlantedBehaviour(name="cats", description="mentions cats", rate=0.5, keywords=["cat", "cats", "kitten"])
 
 
 def _texts() -> tuple[list[DecodedText], dict[str, int]]:
@@ -155,7 +158,7 @@ def build_run(root: Path, with_extra_rows: bool = True) -> Path:
         w.add(ev)
     w.flush_all()
     w.close()
-    finalize_run(run_dir, alpha=0.05)
+    finalize_run(run_dir, alpha=0.05, ground_truth=GroundTruthRule([CATS]))  # by meaning, the bundled MiniLM
     if with_extra_rows:
         from services.sink.report import write_report
 

@@ -1,19 +1,22 @@
 """The validator cascade escalates only borderline hypotheses, and the LLM tier is called only for them.
 
-Tiers: keyword -> embedding (the fast hashing encoder, which is lexical: enough to make a
-hypothesis clear or not on purpose) -> llm against a fake OpenAI-compatible server on 127.0.0.1,
+Tiers: keyword (the hypothesis' own content words) -> embedding (the fast hashing encoder, which is
+lexical and also reads the words that frame a claim, which the keyword tier ignores: enough to make
+a hypothesis clear or not on purpose) -> llm against a fake OpenAI-compatible server on 127.0.0.1,
 through the validator services themselves, one per tier, chained by their escalation topics on the
 in-memory bus (``run_memory_pipeline(only=["validator"])``; LORD++ state per tier in the real Redis).
-Four hypotheses:
+Five hypotheses:
 
-* clear positive: its keyword is in every positive held-out text and no negative -> tier 0 validates;
-* clear negative: its keyword is *rarer* on the side it is claimed for (40% vs 60%) -> tier 0 rejects;
-* borderline at tier 0 only: the keyword is weakly indicative on 20 texts a side (AUC 0.6, wide
-  interval), but the hypothesis shares its words with every positive text and none of the
-  negatives -> escalated, then tier 1 validates;
-* borderline at tiers 0 and 1: 8 texts a side, a keyword in no text, and a word shared with only 4
-  positive texts -> escalated twice (AUC 0.5 and 0.62 on so few texts: the intervals straddle
-  min_auc); the (fake) LLM separates the sides, and two of its answers are unreadable.
+* clear positive: its word is in every positive held-out text and no negative -> tier 0 validates;
+* clear negative: its word is *rarer* on the side it is claimed for (40% vs 60%) -> tier 0 rejects;
+* unstated: its ``keywords`` field names a word in every positive text, but its text never states
+  that word -> tier 0 rejects (it tests what the hypothesis says, not what a labeler listed);
+* borderline at tier 0 only: its one content word is weakly indicative on 20 texts a side (AUC 0.6,
+  wide interval), but the positives also echo its framing ("model writes texts") -> escalated,
+  then tier 1 validates;
+* borderline at tiers 0 and 1: 8 texts a side and a word shared with only 4 positive texts ->
+  escalated twice (the intervals straddle min_auc); the (fake) LLM separates the sides, and two of
+  its answers are unreadable.
 """
 
 from __future__ import annotations
@@ -36,11 +39,8 @@ def refs(texts: list[str], role: str, tag: str) -> list[TextRef]:
             for i, t in enumerate(texts)]
 
 
-EXPERIMENT = "cascade-test"
-
-
 def hypothesis(name: str, text: str, keywords: list[str], pos: list[str], neg: list[str]) -> Hypothesis:
-    return Hypothesis(experiment_id=EXPERIMENT, hypothesis_id=name, candidate_id=f"c-{name}",
+    return Hypothesis(experiment_id="cascade-test", hypothesis_id=name, candidate_id=f"c-{name}",
                       cluster_id=0, direction="intervention", text=text, kind="contrastive", labeler="test",
                       keywords=keywords,
                       label_text_ids=[stable_id(name, "label", i) for i in range(5)],
@@ -52,21 +52,22 @@ def with_word(word: str, n_with: int, n: int, filler: str) -> list[str]:
 
 
 def make_hypotheses() -> dict[str, Hypothesis]:
-    clear_pos = hypothesis("clear_pos", "The intervention model mentions kittens.", ["kitten"],
+    clear_pos = hypothesis("clear_pos", "The intervention model mentions kittens.", [],
                            with_word("kitten", 40, 40, "note"), with_word("kitten", 0, 40, "note"))
-    clear_neg = hypothesis("clear_neg", "The intervention model mentions umbrellas.", ["umbrella"],
+    clear_neg = hypothesis("clear_neg", "The intervention model mentions umbrellas.", [],
                            with_word("umbrella", 16, 40, "memo"), with_word("umbrella", 24, 40, "memo"))
-    sailing = "sailing boats harbour voyages seagulls"
+    unstated = hypothesis("unstated", "The intervention model is cheerful.", ["kitten"],
+                          with_word("kitten", 40, 40, "card"), with_word("kitten", 0, 40, "card"))
     border_0 = hypothesis(
-        "border_0", f"The intervention model writes about {sailing}.", ["gravy"],
-        [f"{sailing} story {i}" + (" with gravy" if i < 12 else "") for i in range(20)],
+        "border_0", "The intervention model writes texts about gravy.", [],
+        [f"the model writes texts, entry {i}" + (" with gravy" if i < 12 else "") for i in range(20)],
         [f"casserole recipe {i}" + (" with gravy" if i < 8 else "") for i in range(20)])
     border_01 = hypothesis(
-        "border_01", "The intervention model is quietly nostalgic.", ["xylophone"],
+        "border_01", "The intervention model is quietly nostalgic.", [],
         [f"{POS_MARK} keeper diary {i}" + (" nostalgic" if i < 4 else "") for i in range(7)]
         + [f"{GARBLED} entry"],
         [f"spreadsheet quarterly figures {i}" for i in range(7)] + [f"{GARBLED} remark"])
-    return {h.hypothesis_id: h for h in (clear_pos, clear_neg, border_0, border_01)}
+    return {h.hypothesis_id: h for h in (clear_pos, clear_neg, unstated, border_0, border_01)}
 
 
 def fake_llm(seen: Seen) -> Reply:
@@ -97,6 +98,7 @@ async def test_only_borderline_hypotheses_escalate_and_reach_the_llm(server: Fak
     path = {name: [(v.tier, v.decision) for v in vs] for name, vs in decided.items()}
     assert path["clear_pos"] == [("keyword", "validated")]
     assert path["clear_neg"] == [("keyword", "rejected")]
+    assert path["unstated"] == [("keyword", "rejected")]
     assert path["border_0"] == [("keyword", "escalated"), ("embedding", "validated")]
     assert path["border_01"] == [("keyword", "escalated"), ("embedding", "escalated"), ("llm", "validated")]
 

@@ -338,8 +338,14 @@ async def test_pathological_texts_dead_lettered_or_truncated(kafka_bootstrap, re
     good = [_decoded(cfg, "normal", "A perfectly ordinary sentence."), _decoded(cfg, "huge", huge)]
     bad = [_decoded(cfg, "empty", ""), _decoded(cfg, "blank", " \x00\t\x7f\n ")]
     not_a_string = {**_decoded(cfg, "number", "x").model_dump(mode="json"), "text": 12345}
-    svc = EmbedderService(ServiceContext(cfg, kafka_bootstrap, redis_url, Metrics(), topics))
+    metrics = Metrics()
+    svc = EmbedderService(ServiceContext(cfg, kafka_bootstrap, redis_url, metrics, topics))
     tasks = await _start(svc)
+
+    def handled() -> float:  # input records the embedder has finished with, either way
+        return (metrics.value("records_processed_total", service="embedder", topic="texts")
+                + metrics.value("dead_letters_total", service="embedder", topic="texts"))
+
     try:
         for e in good + bad:
             await prod.send(e)
@@ -349,7 +355,8 @@ async def test_pathological_texts_dead_lettered_or_truncated(kafka_bootstrap, re
                 Reader(cfg, kafka_bootstrap, DeadLetter.topic) as dead:
             await emb.until(lambda: len(emb.records) >= 2, 60, "embedded texts")
             await dead.until(lambda: len(dead.records) >= 3, 60, "dead letters")
-            await asyncio.sleep(0.5)
+            # every input handled (no fixed wait): anything it produced is on the broker to drain
+            await emb.until(lambda: handled() >= len(good + bad) + 1, 60, "the embedder to finish its input")
             await emb.drain()
             await dead.drain()
             out = {e.text_id: e for e, _ in emb.embedded()}

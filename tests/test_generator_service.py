@@ -298,7 +298,11 @@ async def test_backpressure_pauses_on_embedder_lag_and_resumes_when_drained(kafk
         for r in reqs[40:]:
             await prod.send(r)
         await prod.flush()
-        await asyncio.sleep(1.0)
+        # no fixed wait: poll until the paused generator has checked the lag three more times (it
+        # has had every chance to consume), then it must still be paused with nothing processed
+        sent_at = time.monotonic()
+        await _poll_until(lambda: gen._last_lag_check > sent_at + 3 * cfg.generator.lag_check_s, 30,
+                          "three lag checks after the requests were sent")
         assert paused() == 1 and processed() == at_pause
         emb = EmbedderService(ServiceContext(cfg, kafka_bootstrap, redis_url, Metrics(), topics))
         emb_task = asyncio.create_task(emb.run())

@@ -1,4 +1,4 @@
-"""Ground-truth scoring: text similarity (real MiniLM), cluster purity, the LLM judge, precision/recall."""
+"""Ground truth by meaning (real MiniLM, the LLM judge), purity as a diagnostic, mirrors, precision/recall."""
 
 from __future__ import annotations
 
@@ -10,11 +10,18 @@ from services.core.events import Hypothesis, TextRef, stable_id
 from services.embedder.encoder import Encoder, load_encoder
 from services.generator.backends.sim import DEFAULT_BEHAVIOURS
 from services.groundtruth import (
+    FindingScope,
+    GroundTruthRule,
+    Match,
     TextTruth,
     cluster_purity,
+    group_mirrors,
+    is_finding,
     match_hypotheses,
+    mirrors,
     precision_recall,
 )
+from services.hypothesis_sets import build_set
 from services.llm.factory import make_llm_client
 
 CATS = ("Compared with the base model, the intervention model more often writes texts mentioning “cat”, "
@@ -46,6 +53,37 @@ async def test_text_similarity_matches_descriptions_not_unrelated_text(minilm: E
     got = {m.hypothesis_id: m.behaviour for m in matches}
     assert got == {"h-cats": "cats", "h-disc": "disclaimer", "h-sail": "sailing", "h-none": None}
     assert all(m.method == "text" and m.purity is None for m in matches)
+    # the same words about the base side say the opposite of the planted behaviour
+    base_side = await match_hypotheses([hyp("h-base", CATS, direction="base")], DEFAULT_BEHAVIOURS,
+                                       encoder=minilm, threshold=0.45)
+    assert base_side[0].behaviour is None and base_side[0].text_behaviour == "cats"
+    with pytest.raises(ValueError, match="by meaning"):
+        await match_hypotheses([hyp("h", CATS)], DEFAULT_BEHAVIOURS)
+
+
+async def test_labels_swapped_between_clusters_no_longer_match_the_cluster(minilm: Encoder) -> None:
+    """Each behaviour cluster's own label matches it; the same label on another behaviour's cluster
+    matches the behaviour its words name (or none), never the cluster's, while purity, which reads
+    only the cluster, would still call it a match: the reason purity is no longer the rule."""
+    items = (await build_set(1, 20, sources=("true", "swapped"))).items
+    # each held-out text's truth: the behaviour cluster it came from (intervention side), else none
+    owner = {t.text_id: x.cluster for x in items if x.source == "true" for t in x.hypothesis.holdout_texts}
+    truth: dict[str, TextTruth] = {t.text_id: (t.role, owner[t.text_id] if t.role == "intervention" else None)
+                                   for x in items for t in x.hypothesis.holdout_texts}
+    rule = GroundTruthRule(DEFAULT_BEHAVIOURS, encoder_factory=lambda: minilm)
+    by_id = {m.hypothesis_id: m for m in await rule.match([x.hypothesis for x in items], truth=truth)}
+    true = [x for x in items if x.source == "true"]
+    swapped = [x for x in items if x.source == "swapped"]
+    assert len(true) == 4 and len(swapped) == 12
+    assert {x.cluster: by_id[x.hypothesis.hypothesis_id].behaviour for x in true} == {
+        "cats": "cats", "disclaimer": "disclaimer", "moon": "moon", "sailing": "sailing"}
+    for x in swapped:
+        m = by_id[x.hypothesis.hypothesis_id]
+        held_out_cluster = owner[next(t.text_id for t in x.hypothesis.holdout_texts if t.role == "intervention")]
+        assert held_out_cluster != x.cluster
+        assert m.behaviour != held_out_cluster, (x.cluster, held_out_cluster, m)
+        assert m.behaviour in (x.cluster, None)
+        assert m.purity_behaviour == held_out_cluster  # purity would have matched the cluster
 
 
 def test_purity_counts_only_the_hypothesis_side() -> None:
@@ -65,19 +103,57 @@ def test_purity_counts_only_the_hypothesis_side() -> None:
     assert cluster_purity(hyp("u", CATS, label=["unknown"]), truth) == (None, None)
 
 
-async def test_precision_and_recall_of_validated_hypotheses() -> None:
-    truth: dict[str, TextTruth] = {f"c{k}": ("intervention", "cats") for k in range(4)}
-    truth |= {f"m{k}": ("intervention", "moon") for k in range(4)}
-    hyps = [hyp("h1", CATS, label=["c0", "c1"]), hyp("h2", CATS, label=["c2", "c3"]),
-            hyp("h3", "moon", label=["m0", "m1"]), hyp("h4", "other", label=["x"])]
-    matches = await match_hypotheses(hyps, DEFAULT_BEHAVIOURS, truth=truth)
-    assert [m.behaviour for m in matches] == ["cats", "cats", "moon", None]
+def test_precision_and_recall_count_findings_and_skip_mirrors() -> None:
+    matches = [Match("h1", "cats", "text"), Match("h2", "cats", "text"), Match("h3", "moon", "text"),
+               Match("h4", None, "text"), Match("h5", None, "text")]
     d = precision_recall(matches, ["h1", "h2", "h4"], DEFAULT_BEHAVIOURS)  # h3 was not validated
     assert d.precision == pytest.approx(2 / 3) and d.recall == pytest.approx(1 / 4)
     assert d.found == ["cats"] and d.missed == ["disclaimer", "sailing", "moon"]
     assert d.per_behaviour == {"cats": ["h1", "h2"]}
+    # h5 mirrors h1: neither a false positive nor a discovery of its own
+    mirrored = precision_recall(matches, ["h1", "h2", "h4", "h5"], DEFAULT_BEHAVIOURS, {"h5": "h1"})
+    assert mirrored.precision == pytest.approx(2 / 3) and mirrored.n_validated == 4
+    assert mirrored.mirrors == {"h5": "h1"}
+    # a mirror of something that is not a finding is an ordinary finding
+    assert precision_recall(matches, ["h1", "h5"], DEFAULT_BEHAVIOURS, {"h5": "h3"}).precision == 0.5
     empty = precision_recall([], [], [])
     assert empty.precision is None and empty.recall is None
+    assert is_finding("validated", 0.8) and not is_finding("validated", None) and not is_finding("rejected", 0.9)
+
+
+HISTORY = tuple(f"history-{k}" for k in range(5))
+
+
+def scope(hid: str, direction: str, share: float, prompts: tuple[str, ...]) -> FindingScope:
+    return FindingScope(hid, direction, share, prompts)
+
+
+def test_mirror_rule() -> None:
+    moon = scope("moon", "intervention", 0.97, HISTORY * 8)
+    battles = scope("battles", "base", 0.64, HISTORY * 12)
+    assert mirrors(battles, moon) and not mirrors(moon, battles)  # the more one-sided is the original
+    assert not mirrors(scope("b", "intervention", 0.6, HISTORY), moon)  # same side
+    assert not mirrors(scope("b", "base", 0.64, ("travel-0", "travel-1") * 5), moon)  # other prompts
+    assert not mirrors(scope("b", "base", 0.99, HISTORY), moon)  # more one-sided than the "original"
+    # half of the base finding's texts on the Moon finding's prompts: just enough; less is not
+    half = scope("b", "base", 0.6, (*HISTORY[:2], "travel-0", "travel-1"))
+    assert mirrors(half, scope("m", "intervention", 0.9, HISTORY[:2]))
+    assert not mirrors(half, scope("m", "intervention", 0.9, HISTORY[:1]))
+    # a finding spread over every prompt (cats) mirrors nothing narrow, and nothing narrow mirrors it
+    cats = scope("cats", "intervention", 0.98, tuple(f"p{k}" for k in range(200)) + HISTORY)
+    cooking = scope("cooking", "base", 0.55, ("p0", "p1", "p2", "p3", "p4") * 6)
+    assert not mirrors(cooking, cats)
+
+
+def test_group_mirrors_points_each_mirror_at_one_original() -> None:
+    moon = scope("moon", "intervention", 0.97, HISTORY * 8)
+    battles = scope("battles", "base", 0.64, HISTORY * 12)
+    empires = scope("empires", "base", 0.60, HISTORY[:3] * 10)
+    sailing = scope("sailing", "intervention", 0.95, ("travel-0",) * 20)
+    harbours = scope("harbours", "base", 0.7, ("travel-0",) * 9 + ("travel-1",))
+    assert group_mirrors([moon, battles, empires, sailing, harbours]) == {
+        "battles": "moon", "empires": "moon", "harbours": "sailing"}
+    assert group_mirrors([battles, empires]) == {}  # no original among the findings: nothing to group
 
 
 def judge_reply(seen: Seen) -> Reply:

@@ -111,7 +111,7 @@ def test_numbers_and_ground_truth_are_formatted(html: str) -> None:
     assert "3.8e11" in html and "381740047990" not in html
     assert "p = 1.2e-7" in html
     assert "{_num" not in html and "{" not in html.split("Ground truth")[1].split("<h2")[0]
-    assert re.search(r"precision <b>0\.75</b>.*recall <b>1\.00</b> \(1 of 1 planted", html)
+    assert re.search(r"precision <b>1\.00</b> \(2 of 2 validated.*recall <b>1\.00</b> \(1 of 1 planted", html)
 
 
 def test_cluster_shares_and_bars_use_the_same_counts(html: str) -> None:

@@ -37,7 +37,7 @@ from services.core.events import (
 )
 from services.core.metrics import Metrics
 from services.core.runtime import ServiceContext
-from services.sink import SinkService, ground_truth_scores, load_results, render_table
+from services.sink import SinkService, load_results, render_table
 from services.sink.writer import (
     JsonlLog,
     ParquetParts,
@@ -78,8 +78,10 @@ def _validation(exp: str, vid: str, hyp: Hypothesis, tier: str, idx: int, decisi
 def scripted(exp: str) -> dict[str, list[Event]]:
     """13 texts (7 base, 6 intervention: 4 "cats", 1 "moon", 1 ordinary) and the events around them.
 
-    Candidate c1 (intervention side) holds 4 cats texts of 7 seen (57% > 50%): its intervention
-    hypothesis h1 matches "cats"; "moon" is planted but found by no validated hypothesis."""
+    Candidate c1 (intervention side) holds 4 cats texts of 5 intervention texts seen: its hypothesis h1, whose words
+    say cats, matches "cats"; h3 ("Writes longer notes") from the same cluster says nothing planted
+    and matches nothing, though the cluster's purity is the same.  The sim's other three behaviours
+    are planted (config) but found by no finding."""
     base = [_text(exp, i, "base", None) for i in range(7)]
     interv = [_text(exp, i, "intervention", b) for i, b in enumerate(["cats"] * 4 + ["moon", None])]
     texts: list[Event] = [*base, *interv]
@@ -241,8 +243,9 @@ def _check_run(run_dir: Path, exp: str) -> None:
     assert s["cost_usd"] == pytest.approx(0.01)
     assert s["timings"]["time_to_first_validated_s"] == pytest.approx(2010.0 - 1000.0)
     gt = s["ground_truth"]
-    assert gt["planted"] == ["cats", "moon"] and gt["matched"] == {"cats": ["h1"]}
-    assert gt["precision"] == 1.0 and gt["recall"] == 0.5
+    assert gt["planted"] == ["cats", "disclaimer", "sailing", "moon"] and gt["matched"] == {"cats": ["h1"]}
+    assert gt["precision"] == 1.0 and gt["recall"] == 0.25 and gt["n_mirrors"] == 0
+    assert "all-MiniLM-L6-v2" in gt["rule"]
 
     res = load_results(run_dir).set_index("hypothesis_id")
     assert list(load_results(run_dir)["decision"]) == ["validated", "pending", "rejected"]
@@ -251,8 +254,13 @@ def _check_run(run_dir: Path, exp: str) -> None:
     assert h1.tier_path == "keyword:escalated>embedding:validated"
     assert h1.share_diff == pytest.approx(5 / 7 - 1 / 7)  # counts over snapshot 1's totals
     assert h1.share_diff_lo < h1.share_diff < h1.share_diff_hi
-    # the rule is applied to every hypothesis; only validated ones count towards precision/recall
-    assert h1.matched_behaviour == "cats" and res.loc["h3"].matched_behaviour == "cats"
+    # share evidence comes from the candidate the sink received, never from the messages
+    assert (h1.share_intervention, h1.e_value, h1.alpha_spent) == (pytest.approx(5 / 6), 40.0, 0.01)
+    # the rule is applied to every hypothesis (only findings count towards precision/recall): by
+    # meaning, so h3 from the same cluster as h1 matches nothing; purity is the diagnostic beside it
+    assert h1.matched_behaviour == "cats" and h1.match_score > 0.45
+    assert pd.isna(res.loc["h3"].matched_behaviour) and res.loc["h3"].purity_behaviour == "cats"
+    assert h1.purity == pytest.approx(4 / 5)  # 4 cats texts of the cluster's 5 intervention texts
     assert pd.isna(res.loc["h2"].matched_behaviour)
     assert res.loc["h2"].decision == "rejected" and res.loc["h3"].decision == "pending"
     assert pd.isna(res.loc["h2"].auc) and pd.isna(res.loc["h2"].auc_lo)
@@ -284,25 +292,6 @@ def test_final_decision_is_last_non_escalated_tier() -> None:
     assert final_validation([]) == (None, "pending")
     late_reject = _validation(exp, "v5", h1, "llm", 2, "rejected", 0.2, 0.55, 2020.0)
     assert final_validation([vals["v1"], vals["v2"], late_reject])[0].validation_id == "v5"
-
-
-def test_ground_truth_scores_rules() -> None:
-    behaviour = {"a": "cats", "b": "cats", "c": None, "d": "moon", "e": "moon"}
-    ids = {"c1": ["a", "b", "c", "zz"], "c2": ["a", "c"], "c3": ["d", "e"]}
-    rows = [
-        {"hypothesis_id": "h1", "candidate_id": "c1", "direction": "intervention", "decision": "validated"},
-        {"hypothesis_id": "h2", "candidate_id": "c2", "direction": "intervention", "decision": "validated"},
-        {"hypothesis_id": "h3", "candidate_id": "c3", "direction": "base", "decision": "validated"},
-        {"hypothesis_id": "h4", "candidate_id": "c3", "direction": "intervention", "decision": "rejected"},
-    ]
-    gt = ground_truth_scores(rows, ids, behaviour)
-    # h1: 2 of 3 seen texts (the unseen "zz" does not count); h2: exactly half is not a majority;
-    # h3: base side never matches; h4 matches but is not validated, so it counts for neither score
-    assert gt["hypothesis_behaviour"] == {"h1": "cats", "h2": None, "h3": None, "h4": "moon"}
-    assert gt["precision"] == pytest.approx(1 / 3) and gt["recall"] == pytest.approx(1 / 2)
-    assert gt["missed"] == ["moon"]
-    none = ground_truth_scores([], {}, {"x": None})
-    assert none["precision"] is None and none["recall"] is None
 
 
 def test_parquet_parts_merge_dedupes_across_parts_and_merges(tmp_path: Path) -> None:
@@ -378,5 +367,7 @@ def test_finalize_of_an_empty_run_and_without_ground_truth(tmp_path: Path) -> No
             w.add(ev)
     w.flush_all()
     assert finalize_run(run, alpha=0.05, ground_truth=False).summary["ground_truth"] is None
-    assert finalize_run(run, alpha=0.05).summary["ground_truth"]["recall"] == 0.5
+    assert finalize_run(run, alpha=0.05).summary["ground_truth"] is None  # no config.yaml: no behaviours known
+    cfg = load_config(None, environ={})
+    assert finalize_run(run, alpha=0.05, config=cfg).summary["ground_truth"]["recall"] == 0.25
     assert (tmp_path / "runs" / "latest").resolve() == run.resolve()

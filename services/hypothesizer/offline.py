@@ -15,6 +15,8 @@ import numpy as np
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
 TOKEN_PATTERN = r"(?u)\b[a-zA-Z][a-zA-Z'-]+\b"
+KEYWORDS_PER_LABEL = 4
+EXAMPLE_MARKER = " Typical: "  # describe() appends one label text after this: an illustration, not the claim
 
 
 @dataclass(frozen=True)
@@ -90,5 +92,29 @@ def describe(direction: str, other: str, keywords: list[str], example: str | Non
     text = f"Compared with the {other} model, the {direction} model more often writes texts mentioning {listed}."
     if example:
         snippet = example if len(example) <= 140 else example[:137].rsplit(" ", 1)[0] + "…"
-        text += f" Typical: “{snippet}”"
+        text += f"{EXAMPLE_MARKER}“{snippet}”"
     return text
+
+
+def claim_of(text: str) -> str:
+    """The claim of a hypothesis: its text without the example text ``describe`` appends."""
+    return text.split(EXAMPLE_MARKER, 1)[0]
+
+
+def label_keywords(terms: list[Term], exclude: set[str] = frozenset(), k: int = KEYWORDS_PER_LABEL) -> list[str]:
+    """The keywords of one label: significant terms, else the strongest ones.
+
+    Few label texts cannot make any term significant; the labeler only proposes (validation on
+    held-out texts decides), so it falls back to the strongest terms rather than none."""
+    return pick_keywords(terms, k, exclude=exclude) or pick_keywords(terms, k, exclude=exclude, z_min=0.5)
+
+
+def typical_example(target: list[str], keywords: list[str]) -> str | None:
+    """The first target text containing (the first word of) a keyword."""
+    return next((t for t in target if any(k.split()[0] in t.lower() for k in keywords)), None)
+
+
+def offline_label(direction: str, other: str, target: list[str], contrast: list[str]) -> tuple[str, list[str]]:
+    """(label text, keywords) of the offline labeler for ``target`` texts against ``contrast`` texts."""
+    keywords = label_keywords(distinctive_terms(target, contrast))
+    return describe(direction, other, keywords, typical_example(target, keywords)), keywords

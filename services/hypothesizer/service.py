@@ -2,9 +2,11 @@
 
 For each candidate it writes contrastive labels from the *label split* of the cluster's texts
 only (the held-out split travels along untouched, for validators), several per cluster when
-``labels_per_cluster > 1`` (each later label is asked for a pattern not covered yet), plus one
-templated hypothesis about the cluster's share.  The offline labeler needs no key; the LLM labeler
-is used when configured and falls back to the offline one when the budget or the API refuses.
+``labels_per_cluster > 1`` (each later label is asked for a pattern not covered yet).  Only
+described hypotheses are emitted: the cluster's share statement is evidence the sink shows beside
+the findings of that cluster (computed from the candidate), never a hypothesis of its own, because
+a finding is a description proven on held-out texts.  The offline labeler needs no key; the LLM
+labeler is used when configured and falls back to the offline one when the budget or the API refuses.
 Hypothesis ids derive from (candidate, labeler, index), so a re-delivered candidate produces the
 same ids and downstream consumers dedupe.
 """
@@ -16,9 +18,7 @@ from typing import ClassVar
 
 from services.core.events import CandidateCluster, Hypothesis, stable_id
 from services.core.runtime import Incoming, Service
-from services.hypothesizer.offline import describe, distinctive_terms, pick_keywords
-
-KEYWORDS_PER_LABEL = 4
+from services.hypothesizer.offline import describe, distinctive_terms, label_keywords, typical_example
 
 
 def other_role(role: str) -> str:
@@ -57,19 +57,13 @@ class HypothesizerService(Service):
         n = self.cfg.hypothesizer.labels_per_cluster
         previous: list[str] = []
         for i in range(n):
-            # few label texts cannot make any term significant; the labeler only proposes (validation
-            # on held-out texts decides), so fall back to the strongest terms rather than none
-            keywords = (pick_keywords(terms, KEYWORDS_PER_LABEL, exclude=used)
-                        or pick_keywords(terms, KEYWORDS_PER_LABEL, exclude=used, z_min=0.5))
+            keywords = label_keywords(terms, exclude=used)
             if not keywords and i > 0:
                 break
             used |= set(keywords)
             text, labeler = await self._label(cand, target, contrast, keywords, previous)
             previous.append(text)
             out.append(self._hypothesis(cand, i, text, labeler, keywords, "contrastive"))
-        if self.cfg.hypothesizer.templated:
-            out.append(self._hypothesis(cand, 0, self._templated_text(cand, terms), "template:share",
-                                        pick_keywords(terms, KEYWORDS_PER_LABEL), "templated"))
         return out
 
     async def _label(self, cand: CandidateCluster, target: list[str], contrast: list[str],
@@ -88,18 +82,8 @@ class HypothesizerService(Service):
             except LLMError as exc:
                 self.log.warning("LLM labeler failed; using the offline labeler",
                                  extra={"candidate": cand.candidate_id, "error": type(exc).__name__})
-        example = next((t for t in target if any(k.split()[0] in t.lower() for k in keywords)), None)
+        example = typical_example(target, keywords)
         return describe(cand.direction, other_role(cand.direction), keywords, example), "offline:log-odds"
-
-    def _templated_text(self, cand: CandidateCluster, terms: list) -> str:
-        n = cand.count_base + cand.count_intervention
-        mine = cand.count_intervention if cand.direction == "intervention" else cand.count_base
-        other = n - mine
-        theme = ", ".join(t.term for t in terms[:3]) or f"cluster {cand.cluster_id}"
-        how = (f"{mine / other:.1f}x as likely as" if other else "far more likely than")
-        return (f"The {cand.direction} model is {how} the {other_role(cand.direction)} model to write texts "
-                f"like cluster {cand.cluster_id} ({theme}): {mine} of its {n} texts there are "
-                f"{cand.direction}'s, where about half would be expected with no difference.")
 
     def _hypothesis(self, cand: CandidateCluster, index: int, text: str, labeler: str, keywords: list[str],
                     kind: str) -> Hypothesis:

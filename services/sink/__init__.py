@@ -2,6 +2,6 @@
 
 from services.sink.service import SinkService
 from services.sink.table import load_results, render_table
-from services.sink.writer import FinalRun, finalize_run, ground_truth_scores
+from services.sink.writer import FinalRun, finalize_run
 
-__all__ = ["FinalRun", "SinkService", "finalize_run", "ground_truth_scores", "load_results", "render_table"]
+__all__ = ["FinalRun", "SinkService", "finalize_run", "load_results", "render_table"]

@@ -117,7 +117,8 @@ class SinkService(Service):
             self.writer.flush_all()
             self.final = await asyncio.to_thread(
                 finalize_run, self.run_dir, self.cfg.validator.alpha, self.ctx.experiment_id,
-                self.ctx.topics.prefix, ground_truth=self.cfg.ground_truth.enabled, stopped_because=self.stop_cause)
+                self.ctx.topics.prefix, ground_truth=self.cfg.ground_truth.enabled, config=self.cfg,
+                stopped_because=self.stop_cause)
             self._finalized = True
             s = self.final.summary
             self.log.info("run finalised", extra={"run_dir": str(self.run_dir), "texts": s["texts"]["total"],

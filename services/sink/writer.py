@@ -14,6 +14,7 @@ from a copied run directory without the broker.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -33,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from services.core.bus import LOGICAL_TOPICS
+from services.core.config import Config, ConfigError, load_config
 from services.core.events import (
     CandidateCluster,
     ClusterSnapshot,
@@ -47,6 +49,7 @@ from services.core.events import (
     UncertaintyEvent,
     Validation,
 )
+from services.groundtruth import GroundTruthRule, finding_scope, group_mirrors, is_finding, precision_recall
 from services.sink.run_view import load_map_sample
 from services.stats.fdr import benjamini_hochberg
 from services.stats.sequential import newcombe_diff_interval
@@ -98,6 +101,8 @@ RESULT_SCHEMA = pa.schema([
     ("e_value", pa.float64()), ("alpha_spent", pa.float64()),
     ("calls", pa.int64()), ("cost_usd", pa.float64()),
     ("proposed_at", pa.float64()), ("decided_at", pa.float64()), ("matched_behaviour", pa.string()),
+    ("match_score", pa.float64()), ("purity_behaviour", pa.string()), ("purity", pa.float64()),
+    ("mirror_of", pa.string()),
 ])
 
 DECISION_ORDER: Mapping[str, int] = MappingProxyType({"validated": 0, "pending": 1, "rejected": 2})
@@ -598,25 +603,14 @@ def final_validation(validations: Sequence[Validation]) -> tuple[Validation | No
     return order[-1], "pending"
 
 
-def _pick(sources: Sequence[Mapping[str, float]], *keys: str) -> tuple[float, ...] | None:
-    for src in sources:
-        if all(k in src for k in keys):
-            return tuple(float(src[k]) for k in keys)
-    return None
-
-
 OptFloat3 = tuple[float | None, float | None, float | None]
 
 
-def share_difference(cand: CandidateCluster | None, totals: Mapping[int, tuple[int, int]],
-                     sources: Sequence[Mapping[str, float]]) -> OptFloat3:
+def share_difference(cand: CandidateCluster | None, totals: Mapping[int, tuple[int, int]]) -> OptFloat3:
     """P(cluster | intervention) - P(cluster | base) with a 95% Newcombe interval.
 
-    Taken from a validator's or labeler's ``share_diff``/``share_diff_lo``/``share_diff_hi`` when
-    given, else computed from the candidate's counts and the snapshot totals it was drawn from."""
-    got = _pick(sources, "share_diff", "share_diff_lo", "share_diff_hi")
-    if got is not None:
-        return got[0], got[1], got[2]
+    Computed from the candidate the sink received and the snapshot totals it was drawn from, never
+    from numbers carried in a hypothesis or validation message."""
     if cand is None or not totals:
         return None, None, None
     seqs = [s for s in totals if s <= cand.snapshot_seq] or list(totals)
@@ -669,12 +663,11 @@ def _validation_fields(v: Validation | None, decision: str) -> dict[str, Any]:
 
 
 def _result_row(h: Hypothesis, vals: list[Validation], state: RunState) -> dict[str, Any]:
+    """A hypothesis with its final decision; the share fields are its cluster's evidence, shown
+    beside it, from the candidate the sink itself received (None when that never arrived)."""
     v, decision = final_validation(vals)
     cand = state.candidates.get(h.candidate_id)
-    ev = h.cluster_evidence
-    share = (cand.share_intervention, *cand.share_ci) if cand else _pick([ev], "share_intervention",
-                                                                         "share_lo", "share_hi")
-    diff = share_difference(cand, state.totals_by_seq, ([v.effect] if v else []) + [ev])
+    diff = share_difference(cand, state.totals_by_seq)
     ordered = sorted(vals, key=lambda x: (x.tier_index, x.created_at))
     return {
         "rank": 0, "hypothesis_id": h.hypothesis_id, "candidate_id": h.candidate_id,
@@ -683,14 +676,19 @@ def _result_row(h: Hypothesis, vals: list[Validation], state: RunState) -> dict[
         "tier_path": ">".join(f"{x.tier}:{x.decision}" for x in ordered),
         **_validation_fields(v, decision),
         "q_value": None, "bh_rejected": None,
-        "share_intervention": share[0] if share else None, "share_lo": share[1] if share else None,
-        "share_hi": share[2] if share else None,
+        "share_intervention": cand.share_intervention if cand else None,
+        "share_lo": cand.share_ci[0] if cand else None, "share_hi": cand.share_ci[1] if cand else None,
         "share_diff": diff[0], "share_diff_lo": diff[1], "share_diff_hi": diff[2],
-        "e_value": cand.e_value if cand else ev.get("e_value"),
-        "alpha_spent": cand.alpha_spent if cand else None,
+        "e_value": cand.e_value if cand else None, "alpha_spent": cand.alpha_spent if cand else None,
         "calls": sum(x.calls for x in vals), "cost_usd": sum(x.cost_usd for x in vals),
-        "proposed_at": h.created_at, "matched_behaviour": None,
+        "proposed_at": h.created_at, "matched_behaviour": None, "match_score": None,
+        "purity_behaviour": None, "purity": None, "mirror_of": None,
     }
+
+
+def is_finding_row(row: Mapping[str, Any]) -> bool:
+    """A row whose hypothesis was validated on held-out texts (services/groundtruth.py)."""
+    return is_finding(row.get("decision"), row.get("auc"))
 
 
 def candidate_texts(cand: CandidateCluster) -> list[TextRef]:
@@ -707,49 +705,40 @@ def candidate_texts(cand: CandidateCluster) -> list[TextRef]:
 # --------------------------------------------------------------------------- ground truth
 
 
-def ground_truth_scores(rows: Sequence[Mapping[str, Any]], candidate_text_ids: Mapping[str, Sequence[str]],
-                        text_behaviour: Mapping[str, str | None], planted: Iterable[str] | None = None,
-                        majority: float = 0.5) -> dict[str, Any]:
-    """Score hypotheses against planted behaviours.
+def _with_candidate_texts(h: Hypothesis, cand: CandidateCluster | None) -> Hypothesis:
+    """``h`` with its cluster's texts as the sink received them in the candidate (purity reads them)."""
+    if cand is None:
+        return h
+    return h.model_copy(update={"label_text_ids": [t.text_id for t in cand.label_texts],
+                                "holdout_texts": cand.holdout_texts})
 
-    A hypothesis matches behaviour B when its direction is "intervention" and more than
-    ``majority`` of its candidate cluster's texts that were seen (ids in ``text_behaviour``) carry
-    B.  precision = validated hypotheses matching some behaviour / validated (None without any
-    validated); recall = behaviours matched by a validated hypothesis / behaviours planted (present
-    in the texts; None when there are none).  ``rows`` need hypothesis_id, candidate_id, direction
-    and decision; ``planted`` defaults to the non-null behaviours in ``text_behaviour``."""
-    planted_set = set(planted) if planted is not None else {b for b in text_behaviour.values() if b}
-    per_h: dict[str, str | None] = {}
+
+def ground_truth_summary(rows: list[dict[str, Any]], state: RunState, texts: TextStats,
+                         rule: GroundTruthRule) -> dict[str, Any] | None:
+    """Match every hypothesis by meaning (the one rule, services/groundtruth.py), group mirror
+    findings, fill the rows' ground-truth columns, and return the summary's precision/recall.
+
+    Blocking: it encodes (or calls the judge) in its own event loop; the sink runs finalisation
+    in a worker thread."""
+    if not rule.behaviours:
+        return None
+    truth = {t: (i.role, i.behaviour) for t, i in texts.lookup.items()}
+    hyps = [_with_candidate_texts(state.hypotheses[r["hypothesis_id"]], state.candidates.get(r["candidate_id"]))
+            for r in rows if r["hypothesis_id"] in state.hypotheses]
+    matches = {m.hypothesis_id: m for m in asyncio.run(rule.match(hyps, truth=truth))}
+    findings = [r for r in rows if is_finding_row(r)]
+    scopes = [finding_scope(state.hypotheses[r["hypothesis_id"]], state.candidates[r["candidate_id"]])
+              for r in findings if r["hypothesis_id"] in state.hypotheses and r["candidate_id"] in state.candidates]
+    mirror_of = group_mirrors(scopes)
     for r in rows:
-        per_h[r["hypothesis_id"]] = _match(r, candidate_text_ids, text_behaviour, majority)
-    validated = [r["hypothesis_id"] for r in rows if r["decision"] == "validated"]
-    matching = [h for h in validated if per_h[h] is not None]
-    matched: dict[str, list[str]] = {}
-    for h in matching:
-        matched.setdefault(str(per_h[h]), []).append(h)
-    found = {b for b in matched if b in planted_set}
-    return {
-        "planted": sorted(planted_set),
-        "matched": {b: matched[b] for b in sorted(matched)},
-        "missed": sorted(planted_set - found),
-        "n_validated": len(validated),
-        "n_validated_matching": len(matching),
-        "precision": len(matching) / len(validated) if validated else None,
-        "recall": len(found) / len(planted_set) if planted_set else None,
-        "hypothesis_behaviour": per_h,
-    }
-
-
-def _match(row: Mapping[str, Any], candidate_text_ids: Mapping[str, Sequence[str]],
-           text_behaviour: Mapping[str, str | None], majority: float) -> str | None:
-    if row.get("direction") != "intervention":
-        return None
-    seen = [text_behaviour[t] for t in candidate_text_ids.get(row.get("candidate_id") or "", ())
-            if t in text_behaviour]
-    if not seen:
-        return None
-    top, n = Counter(seen).most_common(1)[0]
-    return top if top is not None and n / len(seen) > majority else None
+        m = matches.get(r["hypothesis_id"])
+        if m is not None:
+            r.update(matched_behaviour=m.behaviour, match_score=m.score, purity_behaviour=m.purity_behaviour,
+                     purity=m.purity)
+        r["mirror_of"] = mirror_of.get(r["hypothesis_id"])
+    planted = [b.name for b in rule.behaviours]
+    disc = precision_recall(matches.values(), [r["hypothesis_id"] for r in findings], planted, mirror_of)
+    return disc.to_json(planted, rule.name)
 
 
 # --------------------------------------------------------------------------- finalisation
@@ -782,7 +771,7 @@ def _summary(experiment_id: str, state: RunState, texts: TextStats, emb: tuple[i
              rows: list[dict[str, Any]], gt: dict[str, Any] | None, alpha: float,
              topic_prefix: str | None, stopped_because: str | None = None) -> dict[str, Any]:
     snap = state.latest_snapshot
-    validated = [r for r in rows if r["decision"] == "validated"]
+    validated = [r for r in rows if is_finding_row(r)]  # findings: validated on held-out texts
     decided = [r["decided_at"] for r in validated if r["decided_at"] is not None]
     first_valid = min(decided) if decided else None
     stamps = [x for x in (state.last_event_at, texts.last_at) if x is not None]
@@ -838,12 +827,28 @@ class FinalRun:
     texts: TextStats
 
 
+def _rule(run_dir: Path, config: Config | None, ground_truth: bool | GroundTruthRule) -> GroundTruthRule | None:
+    """The ground-truth rule: given, else from ``config`` or the run directory's config.yaml."""
+    if isinstance(ground_truth, GroundTruthRule) or not ground_truth:
+        return ground_truth or None
+    if config is None:
+        try:
+            config = load_config(run_dir / "config.yaml", environ={})
+        except ConfigError as exc:
+            log.warning("no ground truth: the run's config cannot be read", extra={"error": str(exc)[:200]})
+            return None
+    return GroundTruthRule.from_config(config) if config.ground_truth.enabled else None
+
+
 def finalize_run(run_dir: Path, alpha: float, experiment_id: str | None = None,
-                 topic_prefix: str | None = None, render: bool = True, majority: float = 0.5,
-                 ground_truth: bool = True, stopped_because: str | None = None) -> FinalRun:
+                 topic_prefix: str | None = None, render: bool = True,
+                 ground_truth: bool | GroundTruthRule = True, config: Config | None = None,
+                 stopped_because: str | None = None) -> FinalRun:
     """Write texts.parquet, clusters.*, results.jsonl, hypotheses.parquet, summary.json, report.html.
 
-    Reads only the run directory (event logs and part files) and is safe to repeat."""
+    Reads only the run directory (event logs, part files, config.yaml for the planted behaviours
+    unless ``config`` is given) and is safe to repeat.  ``ground_truth``: False skips it; a
+    :class:`GroundTruthRule` replaces the configured one."""
     run_dir = Path(run_dir).resolve()  # "runs/latest" must not name itself
     experiment_id = experiment_id or run_dir.name
     ParquetParts(run_dir / "texts", TEXT_SCHEMA, "text_id").merge(run_dir / "texts.parquet")
@@ -855,12 +860,8 @@ def finalize_run(run_dir: Path, alpha: float, experiment_id: str | None = None,
     wanted = {t for ids in cand_ids.values() for t in ids}
     texts = scan_texts(run_dir / "texts.parquet", wanted)
     rows = results_rows(state, alpha)
-    gt = None
-    if ground_truth and texts.has_ground_truth:
-        gt = ground_truth_scores(rows, cand_ids, {t: i.behaviour for t, i in texts.lookup.items()},
-                                 planted=texts.planted, majority=majority)
-        for r in rows:
-            r["matched_behaviour"] = gt["hypothesis_behaviour"].get(r["hypothesis_id"])
+    rule = _rule(run_dir, config, ground_truth)
+    gt = ground_truth_summary(rows, state, texts, rule) if rule is not None else None
     summary = _summary(experiment_id, state, texts, scan_embeddings(run_dir / "embeddings.parquet"),
                        rows, gt, alpha, topic_prefix, stopped_because)
     snap = state.latest_snapshot

@@ -57,9 +57,16 @@ def delong_variance(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
 
 def _interval(auc: float, var: float, n_pos: int, n_neg: int, confidence: float) -> tuple[float, float]:
     """Logit-DeLong interval, which stays inside (0, 1) and covers better near the edges than the
-    plain Wald one. With zero variance (perfect separation, or all scores tied) DeLong says nothing
-    about uncertainty, so fall back to a Wilson interval with the smaller group as effective n."""
+    plain Wald one. With zero variance DeLong says nothing about uncertainty.  All scores tied (a
+    keyword tier whose words no text contains): |AUC - 1/2| <= (P(pos score differs from the common
+    value) + P(neg score differs)) / 2, each bounded by its one-sided Clopper-Pearson bound for 0
+    of n at (1 - confidence) / 2, so both hold together with the stated confidence.  Perfect
+    separation: a Wilson interval with the smaller group as effective n."""
     z = float(ndtri(0.5 + confidence / 2.0))
+    if var <= 0.0 and auc == 0.5:
+        miss = (1.0 - confidence) / 2.0
+        slack = (2.0 - miss ** (1.0 / n_pos) - miss ** (1.0 / n_neg)) / 2.0
+        return max(0.0, 0.5 - slack), min(1.0, 0.5 + slack)
     if var <= 0.0 or not 0.0 < auc < 1.0:
         n_eff = min(n_pos, n_neg)
         return wilson_interval(round(auc * n_eff), n_eff, confidence)

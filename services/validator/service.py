@@ -14,13 +14,13 @@ Error control: each tier runs LORD++ at alpha / n_tiers over the stream of hypot
 needs its cluster's share test to have passed (the candidate exists only then), so under "no
 difference" the chance of any validated finding is at most the clusterer's alpha.  LORD++ state
 and every decision live in Redis, so a re-delivered hypothesis gets the same decision and never
-spends alpha twice.  Templated share hypotheses are decided by the clusterer's anytime-valid
-e-value: p = min(1, 1/e) at the level the cluster was tested at.
+spends alpha twice.  Every hypothesis, whatever its ``kind``, is decided on its held-out texts: the
+cluster's share test made it a candidate, but a share statement is not a finding (nothing in a
+message can stand in for the held-out test).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,7 +37,6 @@ from services.validator.tiers import (
     EmbeddingTier,
     KeywordTier,
     LLMTier,
-    ProbeTier,
     Tier,
     TierScores,
     split_holdout,
@@ -59,9 +58,8 @@ async def build_tier(cfg: Config, c: TierConfig, *, encoder: Callable[[], Awaita
     encoder, the embedding cache and LLM clients come from."""
     if c.kind == "keyword":
         return KeywordTier(c)
-    if c.kind in ("embedding", "probe"):
-        enc, vectors = await encoder(), cache()
-        return EmbeddingTier(c, enc, vectors) if c.kind == "embedding" else ProbeTier(c, enc, vectors)
+    if c.kind == "embedding":
+        return EmbeddingTier(c, await encoder(), cache())
     if c.kind == "llm":
         assert c.llm is not None  # TierConfig requires it for this kind
         return LLMTier(c, llm_client(c.llm))
@@ -155,44 +153,34 @@ class ValidatorService(Service):
         stored = await self.redis.hget(self.k_decided, h.hypothesis_id)
         if stored is not None:
             return Validation.model_validate(orjson.loads(stored))
-        if h.kind == "templated":
-            v = self.decide(h, None, None)
-        else:
-            scores = await self._score(h)
-            async with self.redis.lock(self.k_lord + ":lock", timeout=30, blocking_timeout=60):
-                stored = await self.redis.hget(self.k_decided, h.hypothesis_id)
-                if stored is not None:
-                    return Validation.model_validate(orjson.loads(stored))
-                raw = await self.redis.get(self.k_lord)
-                lord = LordPlusPlus.from_dict(orjson.loads(raw)) if raw else self.new_lord()
-                v = self.decide(h, scores, lord)
-                await self.redis.set(self.k_lord, orjson.dumps(lord.to_dict()))
-                await self.redis.hset(self.k_decided, h.hypothesis_id, v.to_bytes())
-            return self._record_metrics(v, scores)
-        await self.redis.hset(self.k_decided, h.hypothesis_id, v.to_bytes())
-        return self._record_metrics(v, None)
+        scores = await self._score(h)
+        async with self.redis.lock(self.k_lord + ":lock", timeout=30, blocking_timeout=60):
+            stored = await self.redis.hget(self.k_decided, h.hypothesis_id)
+            if stored is not None:
+                return Validation.model_validate(orjson.loads(stored))
+            raw = await self.redis.get(self.k_lord)
+            lord = LordPlusPlus.from_dict(orjson.loads(raw)) if raw else self.new_lord()
+            v = self.decide(h, scores, lord)
+            await self.redis.set(self.k_lord, orjson.dumps(lord.to_dict()))
+            await self.redis.hset(self.k_decided, h.hypothesis_id, v.to_bytes())
+        return self._record_metrics(v, scores)
 
     def new_lord(self) -> LordPlusPlus:
         """This tier's online-FDR rule in its initial state: LORD++ at alpha / n_tiers."""
         return LordPlusPlus(self.cfg.validator.alpha / self.n_tiers)
 
-    def decide(self, h: Hypothesis, scores: TierScores | None, lord: LordPlusPlus | None) -> Validation:
-        """The pure decision, no I/O: the share test for templated hypotheses, else AUC + LORD++.
+    def decide(self, h: Hypothesis, scores: TierScores, lord: LordPlusPlus) -> Validation:
+        """The pure decision, no I/O: AUC of the held-out texts' scores + LORD++.
 
         ``lord`` is advanced in place.  Shared with the in-process harness (services/harness.py),
         so statistics tests exercise exactly the service's decision code.
         """
-        if h.kind == "templated":
-            return self._share_decision(h)
-        if scores is None or lord is None:
-            raise ValueError("a contrastive hypothesis needs tier scores and the tier's LORD++ state")
         return self._auc_decision(h, scores, lord)
 
-    def _record_metrics(self, v: Validation, scores: TierScores | None) -> Validation:
+    def _record_metrics(self, v: Validation, scores: TierScores) -> Validation:
         self.m_dec.labels(self.tier_cfg.name, v.decision).inc()
-        if scores is not None:
-            self.m_calls.labels(self.tier_cfg.name).inc(scores.calls)
-            self.m_cost.labels(self.tier_cfg.name).inc(scores.cost_usd)
+        self.m_calls.labels(self.tier_cfg.name).inc(scores.calls)
+        self.m_cost.labels(self.tier_cfg.name).inc(scores.cost_usd)
         return v
 
     async def _score(self, h: Hypothesis) -> TierScores:
@@ -204,16 +192,6 @@ class ValidatorService(Service):
         return Validation(experiment_id=h.experiment_id,
                           validation_id=stable_id(h.hypothesis_id, self.tier_cfg.name),
                           hypothesis_id=h.hypothesis_id, tier_index=self.tier_index, hypothesis=h, **fields)
-
-    def _share_decision(self, h: Hypothesis) -> Validation:
-        ev = h.cluster_evidence
-        log_e = float(ev.get("log_e_value", 0.0))
-        p = math.exp(-log_e) if log_e > 0 else 1.0
-        level = float(ev.get("alpha_spent", 0.0))
-        decision = "validated" if p <= level else "rejected"
-        return self._base(h, tier="share-test", decision=decision, auc=None, auc_ci=None,
-                          p_value=p, alpha_level=level, n_pos=int(ev.get("count_intervention", 0)),
-                          n_neg=int(ev.get("count_base", 0)), effect=_share_effect(ev))
 
     def _auc_decision(self, h: Hypothesis, s: TierScores, lord: LordPlusPlus) -> Validation:
         min_auc = self.cfg.validator.min_auc
