@@ -7,20 +7,44 @@ After a crash it restores the snapshot and the consumer resumes at the committed
 between the snapshot and the crash are re-delivered and deduplicated by text id (no double
 counting, no gap).  Texts are keyed by experiment id, so one clusterer instance owns an
 experiment's stream; replicas of the group serve other experiments.
+
+Faults:
+
+* a bad vector (not base64, wrong length, NaN/inf) fails :class:`EmbeddedText` validation, so the
+  runtime dead-letters it at decode; a sound vector of another dim than the state's is
+  dead-lettered here.  Neither reaches the pair buffer or the state;
+* a batch that fails to ingest leaves the pair buffer and the state as they were (see
+  :mod:`services.clusterer.pairing`), so the runtime's record-by-record retry loses nothing;
+* a Redis error while saving is retried with backoff; offsets stay uncommitted until a save
+  succeeds (a crash meanwhile re-delivers, never loses);
+* a saved state that is corrupt (NaN/inf, unreadable) is moved aside to ``<key>:quarantined:<unix
+  time>`` and the clusterer starts empty from the committed offsets, continuing the old state's
+  cluster ids and snapshot numbers (:meth:`ClusterState.after_corrupt`): the texts before the
+  committed offsets are no longer counted, but the share tests stay valid and no id is reused.
+  Refusing to start instead would crash-loop; an operator who wants the old texts counted resets
+  the group's offsets to the beginning on a persistent broker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import ClassVar
+from collections.abc import Awaitable, Callable
+from typing import ClassVar, TypeVar
 
 import orjson
 from aiokafka import TopicPartition
+from redis.exceptions import RedisError
 from threadpoolctl import threadpool_limits
 
-from services.clusterer.state import ClusterState
+from services.clusterer.pairing import PairBuffer
+from services.clusterer.state import ClusterState, CorruptStateError, IngestResult
 from services.core.events import EmbeddedText
 from services.core.runtime import Incoming, Service
+
+T = TypeVar("T")
+SAVE_RETRY_FIRST_S = 0.5
+SAVE_RETRY_MAX_S = 30.0
 
 
 class ClustererService(Service):
@@ -30,25 +54,19 @@ class ClustererService(Service):
 
     async def setup(self) -> None:
         self.redis = self.ctx.redis()
-        self.k_state = f"{self.cfg.cache.namespace}:clusterer:{self.ctx.experiment_id}:state"
-        self.k_offsets = f"{self.cfg.cache.namespace}:clusterer:{self.ctx.experiment_id}:offsets"
-        self.k_pending = f"{self.cfg.cache.namespace}:clusterer:{self.ctx.experiment_id}:pending"
-        self.pending: dict[str, tuple[EmbeddedText, int]] = {}
-        self.arrivals = 0
-        raw_pending = await self.redis.get(self.k_pending)
-        if raw_pending:
-            saved = orjson.loads(raw_pending)
-            self.arrivals = saved["arrivals"]
-            self.pending = {e["pair_id"]: (EmbeddedText.model_validate(e), at) for e, at in saved["items"]}
-        raw = await self.redis.get(self.k_state)
-        if raw:
-            self.state = ClusterState.from_bytes(raw, self.cfg.clusterer)
-            self.log.info("restored clusterer snapshot", extra={"n_seen": int(self.state.role_totals.sum())})
-        else:
-            self.state = ClusterState(self.cfg.clusterer, self.ctx.experiment_id, alpha=self.cfg.validator.alpha)
+        ns, exp = self.cfg.cache.namespace, self.ctx.experiment_id
+        self.k_state = f"{ns}:clusterer:{exp}:state"
+        self.k_offsets = f"{ns}:clusterer:{exp}:offsets"
+        self.k_pending = f"{ns}:clusterer:{exp}:pending"
+        raw_pending, raw = await self._retrying("restore", lambda: self.redis.mget(self.k_pending, self.k_state))
+        wait = self.cfg.clusterer.pair_wait_texts
+        self.pairs = PairBuffer.from_json(orjson.loads(raw_pending), wait) if raw_pending else PairBuffer(wait)
+        self.state = await self._restore(raw)
         self.uncommitted: dict[TopicPartition, int] = {}
         self.since_save = 0
         self.last_save = time.monotonic()
+        self.save_failures = 0
+        self.next_save_at = 0.0
         self.last_emitted_n = -1
         self.last_emit = 0.0
         m = self.metrics
@@ -59,11 +77,62 @@ class ClustererService(Service):
         self.m_sil = m.gauge("clusterer_silhouette", "Silhouette on the reservoir sample", ["service"])
         self.m_pending = m.gauge("clusterer_unpaired_texts", "Texts waiting for their pair partner", ["service"])
         self.m_state_bytes = m.gauge("clusterer_state_bytes", "Size of the persisted snapshot", ["service"])
+        self.m_save_errors = m.counter("clusterer_save_errors_total", "Failed snapshot saves (retried)",
+                                       ["service"])
 
+    async def _restore(self, raw: bytes | None) -> ClusterState:
+        c, exp, alpha = self.cfg.clusterer, self.ctx.experiment_id, self.cfg.validator.alpha
+        if not raw:
+            return ClusterState(c, exp, alpha=alpha)
+        try:
+            state = ClusterState.from_bytes(raw, c)
+        except CorruptStateError as exc:
+            state = ClusterState.after_corrupt(raw, c, exp, alpha)  # raises if not even its ids read
+            aside = f"{self.k_state}:quarantined:{int(time.time())}"
+            await self._retrying("quarantine", lambda: self.redis.rename(self.k_state, aside))
+            self.log.error("corrupt clusterer snapshot moved aside; starting empty from the committed "
+                           "offsets (cluster ids continue after %d)", state.engine.n_created,
+                           extra={"reason": str(exc), "key": aside})
+            return state
+        self.log.info("restored clusterer snapshot", extra={"n_seen": int(state.role_totals.sum())})
+        return state
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Redis calls at start-up: retried with backoff until they succeed or the service stops."""
+        delay = SAVE_RETRY_FIRST_S
+        while True:
+            try:
+                return await call()
+            except (RedisError, OSError) as exc:
+                if self.stopping:
+                    raise
+                self.log.warning("redis unavailable (%s), retrying in %.1f s", what, delay,
+                                 extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, SAVE_RETRY_MAX_S)
+
+    # ------------------------------------------------------------------ consuming
     async def handle(self, batch: list[Incoming]) -> None:
-        items = [i.event for i in batch if isinstance(i.event, EmbeddedText)]
+        items = []
+        dim = self.state.dim
+        for inc in batch:
+            ev = inc.event
+            if not isinstance(ev, EmbeddedText):
+                continue
+            dim = dim or ev.dim
+            if ev.dim != dim:  # another embedding model: not comparable with what is clustered
+                await self.dead_letter(inc.record, f"embedding dim {ev.dim} ({ev.embedding_model}) does not "
+                                                   f"match the clusterer's {dim}")
+                continue
+            items.append(ev)
+        plan = self.pairs.plan(items, self.state.has_seen)
         with threadpool_limits(self.cfg.clusterer.threads):  # BLAS threads spin against torch's on few cores
-            res = self.state.ingest(self._pair_up(items))
+            res = self.state.ingest(plan.ready)  # raises before changing the state on a bad text
+        self.pairs.commit(plan)  # only now: a failed batch is retried on the buffer it saw
+        self.m_pending.labels(self.name).set(len(self.pairs))
+        await self._publish(res)
+
+    async def _publish(self, res: IngestResult) -> None:
         self.since_save += res.n_new
         self.m_texts.labels("new").inc(res.n_new)
         self.m_texts.labels("duplicate").inc(res.n_duplicates)
@@ -74,29 +143,7 @@ class ClustererService(Service):
             await self.emit(cand)
             self.m_cand.labels(self.name).inc()
 
-    def _pair_up(self, items: list[EmbeddedText]) -> list[EmbeddedText]:
-        """Release texts pair by pair, each pair in an order fixed by its id (see pair_wait_texts)."""
-        ready: list[EmbeddedText] = []
-        for ev in items:
-            if not ev.pair_id or self.state.has_seen(ev.text_id):
-                ready.append(ev)  # unpaired source, or a re-delivery the state will dedupe
-                continue
-            waiting = self.pending.pop(ev.pair_id, None)
-            if waiting is None:
-                self.pending[ev.pair_id] = (ev, self.arrivals)
-            elif waiting[0].text_id == ev.text_id:
-                self.pending[ev.pair_id] = waiting  # the same text re-delivered
-            else:
-                pair = [waiting[0], ev]
-                ready += pair[::-1] if int(ev.pair_id[:8] or "0", 16) & 1 else pair
-            self.arrivals += 1
-        limit = self.cfg.clusterer.pair_wait_texts
-        expired = [pid for pid, (_, at) in self.pending.items() if self.arrivals - at > limit]
-        for pid in expired:
-            ready.append(self.pending.pop(pid)[0])
-        self.m_pending.labels(self.name).set(len(self.pending))
-        return ready
-
+    # ------------------------------------------------------------------ persistence
     async def before_commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int] | None:
         self.uncommitted.update(offsets)
         c = self.cfg.clusterer
@@ -105,16 +152,31 @@ class ClustererService(Service):
         return None
 
     async def _save(self) -> dict[TopicPartition, int] | None:
-        """Persist state + offsets atomically; return the offsets that may now be committed."""
+        """Persist state + offsets atomically; return the offsets that may now be committed.
+
+        On a Redis error: None (nothing committed) and the next try waits a backoff doubling from
+        0.5 s to 30 s, so an outage neither ends the service nor hammers the server."""
+        if time.monotonic() < self.next_save_at:
+            return None
         data = self.state.to_bytes()
         offsets = {f"{tp.topic}:{tp.partition}": off for tp, off in self.uncommitted.items()}
-        pending = {"arrivals": self.arrivals,
-                   "items": [(e.model_dump(mode="json"), at) for e, at in self.pending.values()]}
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.k_state, data)
         pipe.set(self.k_offsets, orjson.dumps(offsets))
-        pipe.set(self.k_pending, orjson.dumps(pending))
-        await pipe.execute()
+        pipe.set(self.k_pending, orjson.dumps(self.pairs.to_json()))
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.save_failures += 1
+            delay = min(SAVE_RETRY_FIRST_S * 2 ** (self.save_failures - 1), SAVE_RETRY_MAX_S)
+            self.next_save_at = time.monotonic() + delay
+            self.m_save_errors.labels(self.name).inc()
+            self.log.warning("snapshot save failed (%d in a row), next try in %.1f s; offsets held back",
+                             self.save_failures, delay, extra={"error": str(exc)})
+            return None
+        if self.save_failures:
+            self.log.info("snapshot saved again after %d failed tries", self.save_failures)
+        self.save_failures, self.next_save_at = 0, 0.0
         self.m_state_bytes.labels(self.name).set(len(data))
         self.since_save = 0
         self.last_save = time.monotonic()
@@ -144,6 +206,7 @@ class ClustererService(Service):
     async def drain(self) -> dict[TopicPartition, int] | None:
         if int(self.state.role_totals.sum()) != self.last_emitted_n:
             await self._emit_snapshot()
+        self.next_save_at = 0.0  # one last try even during a backoff
         return await self._save()
 
     async def teardown(self) -> None:

@@ -25,12 +25,12 @@ Counting rules (they make the divergence test valid and restores exact):
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import logging
 import math
 import re
+import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -54,6 +54,7 @@ from services.core.events import (
     TextRef,
     UncertaintyEvent,
     stable_id,
+    vector_bytes,
 )
 from services.stats.sequential import beta_binomial_log_e_many, confidence_sequence_bernoulli, spending_level
 
@@ -79,14 +80,18 @@ def digest(text_id: str) -> int:
 
 
 def decode_vectors(items: list[EmbeddedText]) -> np.ndarray:
-    """Stack the items' vectors; one frombuffer/astype for the batch when dtype and dim agree."""
+    """Stack the items' checked vectors (ValueError naming the first bad text); one
+    frombuffer/astype for the batch when dtype and dim agree."""
+    raws = []
+    for it in items:
+        try:
+            raws.append(vector_bytes(it.vector_b64, it.dim, it.dtype))
+        except ValueError as exc:
+            raise ValueError(f"text {it.text_id}: {exc}") from None
     dtype, dim = items[0].dtype, items[0].dim
     if any(it.dtype != dtype or it.dim != dim for it in items):
         return np.stack([it.vector() for it in items])
-    raw = b"".join(base64.b64decode(it.vector_b64) for it in items)
-    if len(raw) != len(items) * dim * np.dtype(dtype).itemsize:
-        raise ValueError("an embedding's byte length does not match its declared dim and dtype")
-    flat = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+    flat = np.frombuffer(b"".join(raws), dtype=np.dtype(dtype).newbyteorder("<"))
     return flat.reshape(len(items), dim).astype(np.float32)
 
 
@@ -218,17 +223,16 @@ class ClusterState:
     def _ingest_fresh(self, keys: list[int], text_ids: list[str], prompt_ids: list[str], roles: list[str],
                       texts: list[str], X: np.ndarray, n_dup: int) -> IngestResult:
         X = np.ascontiguousarray(X, dtype=np.float32)
-        if X.ndim != 2 or X.shape[1] != (self._dim or X.shape[1]):
-            raise ValueError(f"expected vectors of dim {self._dim}, got shape {X.shape}")
+        self._check_rows(X, text_ids, roles)  # before any change: a bad row leaves the state as it was
         self._dim = X.shape[1]
         role_codes = np.fromiter((ROLE_CODE[r] for r in roles), dtype=np.int64, count=len(roles))
         meta: list[RefTuple] = list(zip(text_ids, prompt_ids, role_codes.tolist(), texts, strict=True))
-        self._seen.update(dict.fromkeys(keys, -1))
         self.role_totals += np.bincount(role_codes, minlength=2)
         candidates: list[CandidateCluster] = []
         start = 0
         if not self.engine.fitted:
             start = min(self.cfg.warmup - len(self._warm_X), len(meta))
+            self._seen.update(dict.fromkeys(keys[:start], -1))  # buffered; the rest is marked by _record
             self._warm_X.extend(X[:start])
             self._warm_meta.extend(meta[:start])
             self._warm_keys.extend(keys[:start])
@@ -238,6 +242,18 @@ class ClusterState:
             start = self._process_until_boundary(X, meta, keys, start, candidates)
         candidates += self._check_candidates()
         return IngestResult(self._uncertainty(), candidates, len(meta), n_dup)
+
+    def _check_rows(self, X: np.ndarray, text_ids: list[str], roles: list[str]) -> None:
+        """ValueError naming the first bad row: wrong dim, non-finite values or an unknown role."""
+        if X.ndim != 2 or X.shape[1] != (self._dim or X.shape[1]) or X.shape[0] != len(text_ids):
+            raise ValueError(f"expected {len(text_ids)} vectors of dim {self._dim}, got shape {X.shape}")
+        bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+        if len(bad):
+            raise ValueError(f"text {text_ids[bad[0]]}: non-finite values in its vector "
+                             f"({len(bad)} such row(s) in this call)")
+        unknown = set(roles) - ROLE_CODE.keys()
+        if unknown:
+            raise ValueError(f"unknown role(s) {sorted(unknown)}; expected one of {sorted(ROLE_CODE)}")
 
     def _process_until_boundary(self, X: np.ndarray, meta: list[RefTuple], keys: list[int], start: int,
                                 candidates: list[CandidateCluster]) -> int:
@@ -533,6 +549,11 @@ class ClusterState:
             quality=quality if quality is not None else ClusterQuality())
 
     # ================================================================== small queries
+    @property
+    def dim(self) -> int | None:
+        """Dimension of the vectors ingested so far (None before the first)."""
+        return self._dim
+
     def has_seen(self, text_id: str) -> bool:
         """True once the text was ingested (buffered for warm-up included)."""
         return digest(text_id) in self._seen
@@ -614,10 +635,14 @@ class ClusterState:
 
     @classmethod
     def from_bytes(cls, data: bytes, cfg: ClustererConfig) -> ClusterState:
-        """Rebuild a state saved by :meth:`to_bytes` (ADWIN detectors are rebuilt by replay)."""
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        meta = orjson.loads(zlib.decompress(arrays.pop("meta").tobytes()))
+        """Rebuild a state saved by :meth:`to_bytes` (ADWIN detectors are rebuilt by replay).
+
+        :class:`CorruptStateError` when the bytes do not read back or hold a non-finite value
+        (ValueError for a state that is sound but does not fit ``cfg``)."""
+        arrays, meta = _read(data)
+        bad = sorted(k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all())
+        if bad:
+            raise CorruptStateError(f"saved clusterer state holds NaN or inf in {', '.join(bad)}")
         if meta["version"] != STATE_VERSION:
             raise ValueError(f"clusterer state version {meta['version']} != {STATE_VERSION}")
         if meta["engine_kind"] != cfg.engine:
@@ -650,6 +675,22 @@ class ClusterState:
         st._pca = arrays.get("pca")
         return st
 
+    @classmethod
+    def after_corrupt(cls, data: bytes, cfg: ClustererConfig, experiment_id: str,
+                      alpha: float = 0.05) -> ClusterState:
+        """An empty state that continues a corrupt one's cluster ids and snapshot numbers.
+
+        New ids start after every id the old state created, so its alpha-spending levels are
+        never spent twice (family-wise error over both states <= alpha) and no candidate id is
+        reused; snapshots keep counting up, so consumers never see a reused seq.
+        :class:`CorruptStateError` when not even the metadata reads (then nothing is safe to
+        assume and an operator must decide)."""
+        _, meta = _read(data)
+        st = cls(cfg, experiment_id, alpha)
+        st.engine._next_id = int(meta["engine"]["next_id"])
+        st.seq = int(meta["seq"])
+        return st
+
     def _restore_vectors(self, filled: list[list[int]], vec_X: np.ndarray, vec_roles: np.ndarray) -> None:
         size, offset = self.cfg.vector_reservoir_size, 0
         for cid, m in filled:
@@ -658,6 +699,20 @@ class ClusterState:
             vx[:keep], vr[:keep] = vec_X[offset:offset + keep], vec_roles[offset:offset + keep]
             self._vec_res[int(cid)] = (vx, vr, [keep])
             offset += m
+
+
+class CorruptStateError(ValueError):
+    """A saved state that must not be restored (unreadable, or NaN/inf in its arrays)."""
+
+
+def _read(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = orjson.loads(zlib.decompress(arrays.pop("meta").tobytes()))
+    except (OSError, EOFError, ValueError, KeyError, zlib.error, zipfile.BadZipFile) as exc:
+        raise CorruptStateError(f"saved clusterer state does not read back: {exc}") from None
+    return arrays, meta
 
 
 def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
