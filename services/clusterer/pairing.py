@@ -49,25 +49,36 @@ class PairBuffer:
 
     def plan(self, items: list[EmbeddedText], has_seen: Callable[[str], bool]) -> PairPlan:
         """Pairs completed by ``items`` (each in an order fixed by its pair id), unpaired sources,
-        re-deliveries and expired texts, in release order; the buffer itself is not touched."""
-        waiting = dict(self.waiting)
+        re-deliveries and expired texts, in release order; the buffer itself is not touched.
+
+        Expiry is checked after every new arrival and re-deliveries never count as arrivals, so
+        the release order is a function of the arrival order alone, not of how it was batched."""
+        waiting = dict(self.waiting)  # insertion order == arrival order (entries are never moved)
         arrivals = self.arrivals
         ready: list[EmbeddedText] = []
+        released: set[str] = set()
         for ev in items:
-            if not ev.pair_id or has_seen(ev.text_id):
+            if not ev.pair_id or ev.text_id in released or has_seen(ev.text_id):
                 ready.append(ev)  # unpaired source, or a re-delivery the state will dedupe
                 continue
-            held = waiting.pop(ev.pair_id, None)
+            held = waiting.get(ev.pair_id)
+            if held is not None and held[0].text_id == ev.text_id:
+                continue  # re-delivered while it waits
+            arrivals += 1
             if held is None:
                 waiting[ev.pair_id] = (ev, arrivals)
-            elif held[0].text_id == ev.text_id:
-                waiting[ev.pair_id] = held  # the same text re-delivered
             else:
+                del waiting[ev.pair_id]
                 pair = [held[0], ev]
                 ready += pair[::-1] if int(ev.pair_id[:8] or "0", 16) & 1 else pair
-            arrivals += 1
-        expired = [pid for pid, (_, at) in waiting.items() if arrivals - at > self.wait_texts]
-        ready += [waiting.pop(pid)[0] for pid in expired]
+                released.update((held[0].text_id, ev.text_id))
+            while waiting:  # the oldest waiting text first
+                pid, (old, at) = next(iter(waiting.items()))
+                if arrivals - at <= self.wait_texts:
+                    break
+                del waiting[pid]
+                ready.append(old)
+                released.add(old.text_id)
         return PairPlan(ready, waiting, arrivals)
 
     def commit(self, plan: PairPlan) -> None:

@@ -143,6 +143,13 @@ class ClustererService(Service):
             await self.emit(cand)
             self.m_cand.labels(self.name).inc()
 
+    async def checkpoint(self) -> None:
+        """Publish what is due at the current stream position: call at a barrier (a sampling round
+        completely ingested), since checks otherwise run only every ``check_every`` texts."""
+        with threadpool_limits(self.cfg.clusterer.threads):
+            res = self.state.checkpoint()
+        await self._publish(res)
+
     # ------------------------------------------------------------------ persistence
     async def before_commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int] | None:
         self.uncommitted.update(offsets)
