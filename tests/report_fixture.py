@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from services.core.config import PlantedBehaviour
 from services.core.events import (
     CandidateCluster,
     ClusterQuality,
@@ -30,7 +31,6 @@ from services.core.events import (
     TextRef,
     Validation,
 )
-from services.core.config import PlantedBehaviour
 from services.groundtruth import GroundTruthRule
 from services.sink.writer import RunWriter, finalize_run
 

@@ -91,7 +91,8 @@ def test_restore_midstream_equals_uninterrupted(engine: str, n: int, cut: int) -
     assert resumed.engine.ids == whole.engine.ids and resumed.engine.retired == whole.engine.retired
     np.testing.assert_allclose(resumed.engine.centroids, whole.engine.centroids, rtol=0, atol=1e-6)
     assert [resumed.cluster_of(t) for t in ids[::97]] == [whole.cluster_of(t) for t in ids[::97]]
-    assert resumed._text_res == whole._text_res and resumed._glob_res == whole._glob_res
+    for name in ("texts", "members", "global_texts"):
+        assert getattr(resumed, name) == getattr(whole, name), name
     assert sum(a + b for a, b in resumed.counts().values()) == n
 
 
@@ -420,3 +421,47 @@ def test_reported_cluster_that_keeps_growing_is_split_and_its_parts_tested() -> 
     # the growth bookkeeping survives a restore
     restored = ClusterState.from_bytes(st.to_bytes(), cfg)
     assert restored._emitted_at == st._emitted_at
+
+
+# ----------------------------------------------------------------------------- batch cuts
+
+
+def _strip_time(events: list) -> list[dict]:
+    return [{k: v for k, v in e.model_dump(mode="json").items() if k != "created_at"} for e in events]
+
+
+def test_results_do_not_depend_on_batch_cuts() -> None:
+    """Candidates, uncertainty events and the saved bytes are functions of the stream alone: the
+    same texts fed in different deliveries (one call, fixed sizes, random cuts, one by one at
+    first) give equal events and equal state bytes, and so does a checkpoint at the same spot."""
+    rng = np.random.default_rng(21)
+    d, n = 24, 3000
+    centres = random_centres(rng, 8, d)
+    blob = rng.choice(8, size=n, p=[0.12] * 7 + [0.16])
+    X = unit(centres[blob] + 0.05 * rng.normal(size=(n, d))).astype(np.float32)
+    roles = ROLES[np.where(blob == 7, rng.random(n) < 0.9, rng.random(n) < 0.5).astype(int)]
+    ids = text_ids(rng, n)
+    cfg = small_cfg(k_max=10, check_every=50, uncertainty_every=300)
+
+    def run(cuts: list[int]) -> tuple[list[dict], list[dict], bytes]:
+        st = ClusterState(cfg, "exp")
+        cands, unc = [], []
+        for a, b in itertools.pairwise(cuts):
+            res = st.ingest_arrays(ids[a:b], [f"p{i // 2}" for i in range(a, b)], roles[a:b].tolist(),
+                                   [f"text {i}" for i in range(a, b)], X[a:b])
+            if a < 2000 <= b:  # a barrier at a fixed position
+                res.candidates += st.checkpoint().candidates
+            cands += res.candidates
+            unc += res.uncertainty
+        return _strip_time(cands), _strip_time(unc), st.to_bytes()
+
+    def at(sizes: list[int]) -> list[int]:
+        return sorted({0, 2000, n} | set(np.cumsum(sizes)[np.cumsum(sizes) < n].tolist()))
+
+    whole = run([0, 2000, n])
+    assert whole[0] and whole[1], "the stream must produce candidates and uncertainty events"
+    assert any(c["direction"] == "intervention" for c in whole[0])
+    for cuts in (at([97] * 40), at([1] * 300 + [500] * 6), at(rng.integers(1, 400, 60).tolist())):
+        got = run(cuts)
+        assert got[0] == whole[0] and got[1] == whole[1]
+        assert got[2] == whole[2]

@@ -7,21 +7,44 @@ After a crash it restores the snapshot and the consumer resumes at the committed
 between the snapshot and the crash are re-delivered and deduplicated by text id (no double
 counting, no gap).  Texts are keyed by experiment id, so one clusterer instance owns an
 experiment's stream; replicas of the group serve other experiments.
+
+Faults:
+
+* a bad vector (not base64, wrong length, NaN/inf) fails :class:`EmbeddedText` validation, so the
+  runtime dead-letters it at decode; a sound vector of another dim than the state's is
+  dead-lettered here.  Neither reaches the pair buffer or the state;
+* a batch that fails to ingest leaves the pair buffer and the state as they were (see
+  :mod:`services.clusterer.pairing`), so the runtime's record-by-record retry loses nothing;
+* a Redis error while saving is retried with backoff; offsets stay uncommitted until a save
+  succeeds (a crash meanwhile re-delivers, never loses);
+* a saved state that is corrupt (NaN/inf, unreadable) is moved aside to ``<key>:quarantined:<unix
+  time>`` and the clusterer starts empty from the committed offsets, continuing the old state's
+  cluster ids and snapshot numbers (:meth:`ClusterState.after_corrupt`): the texts before the
+  committed offsets are no longer counted, but the share tests stay valid and no id is reused.
+  Refusing to start instead would crash-loop; an operator who wants the old texts counted resets
+  the group's offsets to the beginning on a persistent broker.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Awaitable, Callable
+from typing import ClassVar, TypeVar
 
 import orjson
 from aiokafka import TopicPartition
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from threadpoolctl import threadpool_limits
 
-from services.clusterer.state import ClusterState
+from services.clusterer.pairing import PairBuffer
+from services.clusterer.state import ClusterState, CorruptStateError, IngestResult
 from services.core.events import CandidateCluster, ClusterSnapshot, ControlEvent, EmbeddedText, UncertaintyEvent
 from services.core.runtime import Incoming, Service, ServiceContext
 from services.core.state import expire_in_pipeline
+
+T = TypeVar("T")
+SAVE_RETRY_FIRST_S = 0.5
+SAVE_RETRY_MAX_S = 30.0
 
 
 class ClustererService(Service):
@@ -33,36 +56,31 @@ class ClustererService(Service):
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.redis: Redis | None = None
+        self.barrier: ControlEvent | None = None  # the latest RoundClosed not yet answered
+        self.n_orphans = 0  # texts dropped at a barrier: their pair partner was never produced
+        self.n_uncertainty = 0  # uncertainty events emitted (the controller waits for them at a barrier)
 
     async def setup(self) -> None:
         self.redis = self.ctx.redis()
-        self.k_state = f"{self.cfg.cache.namespace}:clusterer:{self.ctx.experiment_id}:state"
-        self.k_offsets = f"{self.cfg.cache.namespace}:clusterer:{self.ctx.experiment_id}:offsets"
-        self.k_pending = f"{self.cfg.cache.namespace}:clusterer:{self.ctx.experiment_id}:pending"
-        self.pending: dict[str, tuple[EmbeddedText, int]] = {}
-        self.arrivals = 0
-        self.barrier: ControlEvent | None = None  # the latest RoundClosed not yet answered
-        self.n_orphans = 0
-        self.n_uncertainty = 0
-        raw_pending = await self.redis.get(self.k_pending)
-        if raw_pending:
-            saved = orjson.loads(raw_pending)
-            self.arrivals = saved["arrivals"]
-            self.pending = {e["pair_id"]: (EmbeddedText.model_validate(e), at) for e, at in saved["items"]}
+        ns, exp = self.cfg.cache.namespace, self.ctx.experiment_id
+        self.k_state = f"{ns}:clusterer:{exp}:state"
+        self.k_offsets = f"{ns}:clusterer:{exp}:offsets"
+        self.k_pending = f"{ns}:clusterer:{exp}:pending"
+        raw_pending, raw = await self._retrying("restore", lambda: self.redis.mget(self.k_pending, self.k_state))
+        wait = self.cfg.clusterer.pair_wait_texts
+        saved = orjson.loads(raw_pending) if raw_pending else None
+        self.pairs = PairBuffer.from_json(saved, wait) if saved else PairBuffer(wait)
+        if saved:
             self.n_orphans, self.n_uncertainty = saved.get("orphans", 0), saved.get("uncertainty", 0)
-            if saved.get("barrier"):
-                self.barrier = ControlEvent.model_validate(saved["barrier"])
-        raw = await self.redis.get(self.k_state)
-        if raw:
-            self.state = ClusterState.from_bytes(raw, self.cfg.clusterer)
-            self.log.info("restored clusterer snapshot", extra={"n_seen": int(self.state.role_totals.sum())})
-        else:
-            self.state = ClusterState(self.cfg.clusterer, self.ctx.experiment_id, alpha=self.cfg.validator.alpha)
+            self.barrier = ControlEvent.model_validate(saved["barrier"]) if saved.get("barrier") else None
+        self.state = await self._restore(raw)
         self.uncommitted: dict[TopicPartition, int] = {}
         self.since_save = 0
         self.last_save = self.clock.monotonic()
+        self.save_failures = 0
+        self.next_save_at = 0.0
         self.last_emitted_n = -1
-        self.last_emit = float("-inf")
+        self.last_emit = 0.0
         m = self.metrics
         self.m_texts = m.counter("clusterer_texts_total", "Texts ingested (new / duplicate)", ["kind"])
         self.m_k = m.gauge("clusterer_clusters", "Active clusters", ["service"])
@@ -71,78 +89,102 @@ class ClustererService(Service):
         self.m_sil = m.gauge("clusterer_silhouette", "Silhouette on the reservoir sample", ["service"])
         self.m_pending = m.gauge("clusterer_unpaired_texts", "Texts waiting for their pair partner", ["service"])
         self.m_state_bytes = m.gauge("clusterer_state_bytes", "Size of the persisted snapshot", ["service"])
+        self.m_save_errors = m.counter("clusterer_save_errors_total", "Failed snapshot saves (retried)",
+                                       ["service"])
 
+    async def _restore(self, raw: bytes | None) -> ClusterState:
+        c, exp, alpha = self.cfg.clusterer, self.ctx.experiment_id, self.cfg.validator.alpha
+        if not raw:
+            return ClusterState(c, exp, alpha=alpha)
+        try:
+            state = ClusterState.from_bytes(raw, c)
+        except CorruptStateError as exc:
+            state = ClusterState.after_corrupt(raw, c, exp, alpha)  # raises if not even its ids read
+            aside = f"{self.k_state}:quarantined:{int(self.clock.time())}"
+            await self._retrying("quarantine", lambda: self.redis.rename(self.k_state, aside))
+            self.log.error("corrupt clusterer snapshot moved aside; starting empty from the committed "
+                           "offsets (cluster ids continue after %d)", state.engine.n_created,
+                           extra={"reason": str(exc), "key": aside})
+            return state
+        self.log.info("restored clusterer snapshot", extra={"n_seen": int(state.role_totals.sum())})
+        return state
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Redis calls at start-up: retried with backoff until they succeed or the service stops."""
+        delay = SAVE_RETRY_FIRST_S
+        while True:
+            try:
+                return await call()
+            except (RedisError, OSError) as exc:
+                if self.stopping:
+                    raise
+                self.log.warning("redis unavailable (%s), retrying in %.1f s", what, delay,
+                                 extra={"error": str(exc)})
+                await self.clock.sleep(delay)
+                delay = min(2 * delay, SAVE_RETRY_MAX_S)
+
+    # ------------------------------------------------------------------ consuming
     async def handle(self, batch: list[Incoming]) -> None:
-        for i in batch:
-            ev = i.event
+        items = []
+        dim = self.state.dim
+        for inc in batch:
+            ev = inc.event
             if isinstance(ev, ControlEvent) and ev.kind == "round_closed" and (
                     self.barrier is None or (ev.round, ev.force) > (self.barrier.round, self.barrier.force)):
                 self.barrier = ev
-        items = [i.event for i in batch if isinstance(i.event, EmbeddedText)]
-        if items:
-            with threadpool_limits(self.cfg.clusterer.threads):  # BLAS threads spin against torch's on few cores
-                res = self.state.ingest(self._pair_up(items))
-            self.since_save += res.n_new
-            self.m_texts.labels("new").inc(res.n_new)
-            self.m_texts.labels("duplicate").inc(res.n_duplicates)
-            await self._emit_found(res.uncertainty, res.candidates)
+            if not isinstance(ev, EmbeddedText):
+                continue
+            dim = dim or ev.dim
+            if ev.dim != dim:  # another embedding model: not comparable with what is clustered
+                await self.dead_letter(inc.record, f"embedding dim {ev.dim} ({ev.embedding_model}) does not "
+                                                   f"match the clusterer's {dim}")
+                continue
+            items.append(ev)
+        plan = self.pairs.plan(items, self.state.has_seen)
+        with threadpool_limits(self.cfg.clusterer.threads):  # BLAS threads spin against torch's on few cores
+            res = self.state.ingest(plan.ready)  # raises before changing the state on a bad text
+        self.pairs.commit(plan)  # only now: a failed batch is retried on the buffer it saw
+        self.m_pending.labels(self.name).set(len(self.pairs))
+        await self._publish(res)
         await self._answer_barrier()
 
-    async def _emit_found(self, uncertainty: list[UncertaintyEvent], candidates: list[CandidateCluster]) -> None:
-        for ev in uncertainty:
+    async def _publish(self, res: IngestResult) -> None:
+        self.since_save += res.n_new
+        self.m_texts.labels("new").inc(res.n_new)
+        self.m_texts.labels("duplicate").inc(res.n_duplicates)
+        for ev in res.uncertainty:
             await self.emit(ev)
             self.n_uncertainty += 1
             self.m_unc.labels(ev.kind).inc()
-        for cand in candidates:
+        for cand in res.candidates:
             await self.emit(cand)
             self.m_cand.labels(self.name).inc()
 
+    async def checkpoint(self) -> None:
+        """Publish what is due at the current stream position: call at a barrier (a sampling round
+        completely ingested), since checks otherwise run only every ``check_every`` texts."""
+        with threadpool_limits(self.cfg.clusterer.threads):
+            res = self.state.checkpoint()
+        await self._publish(res)
+
     @property
     def n_arrived(self) -> int:
-        return int(self.state.role_totals.sum()) + len(self.pending) + self.n_orphans
+        return int(self.state.role_totals.sum()) + len(self.pairs) + self.n_orphans
 
     async def _answer_barrier(self) -> None:
-        """Once every text of the closed round has arrived (or the controller forces it), texts of
-        that round still waiting for a partner are orphans (their partner was never produced) and
-        are dropped from the share test; then a barrier snapshot is emitted."""
+        """Once every text of the closed round has arrived (or the controller forces it): drop that
+        round's orphans from the share test, check what is due at this position, and emit the
+        barrier snapshot the controller waits for."""
         b = self.barrier
         if b is None or (self.n_arrived < b.expected_texts and not b.force):
             return
-        orphans = [pid for pid, (ev, _) in self.pending.items() if ev.round <= b.round]
-        for pid in orphans:
-            del self.pending[pid]
-        self.n_orphans += len(orphans)
-        checkpoint = getattr(self.state, "checkpoint", None)
-        if checkpoint is not None:  # candidates and uncertainty due at this position of the stream
-            res = checkpoint()
-            await self._emit_found(res.uncertainty, res.candidates)
+        self.n_orphans += self.pairs.drop_orphans(b.round)
+        await self.checkpoint()
         await self._emit_snapshot(barrier_round=b.round)
         self.barrier = None
         self.since_save = self.cfg.clusterer.snapshot_every_n  # save (and commit) with this batch
 
-    def _pair_up(self, items: list[EmbeddedText]) -> list[EmbeddedText]:
-        """Release texts pair by pair, each pair in an order fixed by its id (see pair_wait_texts)."""
-        ready: list[EmbeddedText] = []
-        for ev in items:
-            if not ev.pair_id or self.state.has_seen(ev.text_id):
-                ready.append(ev)  # unpaired source, or a re-delivery the state will dedupe
-                continue
-            waiting = self.pending.pop(ev.pair_id, None)
-            if waiting is None:
-                self.pending[ev.pair_id] = (ev, self.arrivals)
-            elif waiting[0].text_id == ev.text_id:
-                self.pending[ev.pair_id] = waiting  # the same text re-delivered
-            else:
-                pair = [waiting[0], ev]
-                ready += pair[::-1] if int(ev.pair_id[:8] or "0", 16) & 1 else pair
-            self.arrivals += 1
-        limit = self.cfg.clusterer.pair_wait_texts
-        expired = [pid for pid, (_, at) in self.pending.items() if self.arrivals - at > limit]
-        for pid in expired:
-            ready.append(self.pending.pop(pid)[0])
-        self.m_pending.labels(self.name).set(len(self.pending))
-        return ready
-
+    # ------------------------------------------------------------------ persistence
     async def before_commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int] | None:
         self.uncommitted.update(offsets)
         c = self.cfg.clusterer
@@ -151,18 +193,34 @@ class ClustererService(Service):
         return None
 
     async def _save(self) -> dict[TopicPartition, int] | None:
-        """Persist state + offsets atomically; return the offsets that may now be committed."""
+        """Persist state + offsets atomically; return the offsets that may now be committed.
+
+        On a Redis error: None (nothing committed) and the next try waits a backoff doubling from
+        0.5 s to 30 s, so an outage neither ends the service nor hammers the server."""
+        if self.clock.monotonic() < self.next_save_at:
+            return None
         data = self.state.to_bytes()
         offsets = {f"{tp.topic}:{tp.partition}": off for tp, off in self.uncommitted.items()}
-        pending = {"arrivals": self.arrivals, "orphans": self.n_orphans, "uncertainty": self.n_uncertainty,
-                   "barrier": self.barrier.model_dump(mode="json") if self.barrier is not None else None,
-                   "items": [(e.model_dump(mode="json"), at) for e, at in self.pending.values()]}
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.k_state, data)
         pipe.set(self.k_offsets, orjson.dumps(offsets))
-        pipe.set(self.k_pending, orjson.dumps(pending))
+        pipe.set(self.k_pending, orjson.dumps({
+            **self.pairs.to_json(), "orphans": self.n_orphans, "uncertainty": self.n_uncertainty,
+            "barrier": self.barrier.model_dump(mode="json") if self.barrier is not None else None}))
         expire_in_pipeline(pipe, self.cfg, self.k_state, self.k_offsets, self.k_pending)
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.save_failures += 1
+            delay = min(SAVE_RETRY_FIRST_S * 2 ** (self.save_failures - 1), SAVE_RETRY_MAX_S)
+            self.next_save_at = self.clock.monotonic() + delay
+            self.m_save_errors.labels(self.name).inc()
+            self.log.warning("snapshot save failed (%d in a row), next try in %.1f s; offsets held back",
+                             self.save_failures, delay, extra={"error": str(exc)})
+            return None
+        if self.save_failures:
+            self.log.info("snapshot saved again after %d failed tries", self.save_failures)
+        self.save_failures, self.next_save_at = 0, 0.0
         self.m_state_bytes.labels(self.name).set(len(data))
         self.since_save = 0
         self.last_save = self.clock.monotonic()
@@ -194,6 +252,7 @@ class ClustererService(Service):
     async def drain(self) -> dict[TopicPartition, int] | None:
         if int(self.state.role_totals.sum()) != self.last_emitted_n:
             await self._emit_snapshot()
+        self.next_save_at = 0.0  # one last try even during a backoff
         return await self._save()
 
     async def teardown(self) -> None:

@@ -211,11 +211,17 @@ class ClustererConfig(Strict):
     # a smaller cluster is split when its two models' texts clearly sit apart (see ClusterState._grow)
     mixed_split_min_size: int = Field(default=40, ge=10)
     split_every: int = Field(default=250, ge=100)  # texts between growth checks
+    # candidates and uncertainty are checked at every check_every-th text of the stream (and at
+    # ClusterState.checkpoint()), never at delivery ends, so they do not depend on batch cuts
+    check_every: int = Field(default=64, ge=1)
     reservoir_size: int = Field(default=60, ge=4)
     label_fraction: float = Field(default=0.3, gt=0, lt=1)  # rest is held out for validation
     snapshot_every_s: float = Field(default=5.0, gt=0)
     snapshot_every_n: int = Field(default=2000, ge=1)
     min_cluster_texts: int = Field(default=30, ge=4)  # before a cluster may become a candidate
+    # a split cluster goes on being tested on the texts of its descendants (a region), at its own
+    # alpha level: a behaviour spread over sibling clusters is one region (bench/detection.py)
+    test_lineage: bool = False
     boundary_margin: float = Field(default=0.05, ge=0)
     drift_delta: float = Field(default=0.002, gt=0)
     seed: int = 0
