@@ -17,7 +17,8 @@ import pytest
 from report_fixture import E_VALUE, MIRROR_TEXT, PAIRED_TEXT, build_run
 from rich.console import Console
 
-from services.clusterer.state import CENTROIDS_EVERY, ClusterState
+from services.clusterer.snapshot import CENTROIDS_EVERY
+from services.clusterer.state import ClusterState
 from services.core.config import ClustererConfig
 from services.sink.findings import group_rows
 from services.sink.formatting import fmt_e, fmt_p, fmt_pct, fmt_pp, sci
