@@ -17,6 +17,12 @@ Each construction has its pair-swap null (the two roles of every pair swapped by
 null for any data): any candidate there is a false discovery.  A planted behaviour counts as found
 when a candidate's over-represented label and held-out texts are mostly that behaviour.
 
+A variant ending in ``+regions`` adds what the clusterer does not do (yet): every 256 texts the
+controller's contrast index (services/controller/contrast.py) is refreshed, and each mode of at
+least 5 hot texts not already covered becomes a prospective region (a later text is inside when it
+is as similar to one of the mode's texts as a typical mode member is to its nearest other member);
+regions are tested on later texts only, at half of alpha, the clusters at the other half.
+
     PYTHONPATH=$PWD .venv/bin/python bench/detection.py [--data sim,real] [--seeds 8] [--variants base,...]
 """
 
