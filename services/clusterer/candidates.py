@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from services.clusterer.uncertainty import ref_of
 from services.core.events import ROLES, CandidateCluster, TextRef, stable_id
-from services.stats.sequential import confidence_sequence_bernoulli, spending_level
+from services.stats.sequential import confidence_sequence_bernoulli
 
 if TYPE_CHECKING:
     from services.clusterer.state import ClusterState
@@ -29,39 +29,10 @@ def text_key(cid: int, role: int, label: bool) -> int:
     return cid * 4 + role * 2 + int(label)
 
 
-def leaves(st: ClusterState, cid: int) -> list[int]:
-    """The active clusters under ``cid`` (itself when active), in id order."""
-    active = set(st.engine.ids)
-    if cid in active:
-        return [cid]
-    children: dict[int, list[int]] = {}
-    for child, parent in st.engine.parents.items():
-        if parent is not None:
-            children.setdefault(parent, []).append(child)
-    out, todo = [], [cid]
-    while todo:
-        node = todo.pop()
-        out += [node] if node in active else []
-        todo += children.get(node, [])
-    return sorted(out)
-
-
-def region_refs(st: ClusterState, cid: int, role: int, label: bool, over: int) -> list[TextRef]:
-    """Sampled texts of a cluster, or of a split cluster's region: its active descendants, the
-    most one-sided toward ``over`` first (the clearest examples of what the region shows more)."""
-    parts = leaves(st, cid)
-    if parts == [cid]:
-        return st.refs(cid, role, label)
-    own = st._own
-    parts.sort(key=lambda c: (-(own[c, over] + 1) / (own[c].sum() + 2), c))
-    out = [t for c in parts for t in st.refs(c, role, label)]
-    return out[: st.cfg.reservoir_size]
-
-
 def padded(st: ClusterState, cid: int, over: int, label: bool) -> dict[int, list[TextRef]]:
     """The cluster's label (or held-out) texts per role, the other side padded up to the
     over-represented side's count from that side's global label (or held-out) sample."""
-    refs = {r: region_refs(st, cid, r, label, over) for r in (0, 1)}
+    refs = {r: st.refs(cid, r, label) for r in (0, 1)}
     have = {t.text_id for r in (0, 1) for t in refs[r]}
     pool = st.global_texts.get(text_key(0, 1 - over, label))
     need = max(0, len(refs[over]) - len(refs[1 - over]))
@@ -70,9 +41,9 @@ def padded(st: ClusterState, cid: int, over: int, label: bool) -> dict[int, list
 
 
 def cluster_candidate(st: ClusterState, cid: int, log_e: float) -> CandidateCluster:
-    nb, ni = (int(x) for x in st._lineage[cid])  # == own counts for an active cluster
+    nb, ni = (int(x) for x in st._own[cid])
     over = 1 if ni > nb else 0
-    level = spending_level(cid, st.alpha)
+    level = st.spending.level(cid)
     holdout = padded(st, cid, over, label=False)
     label = padded(st, cid, over, label=True)
     log.info("clusterer %s: cluster %d divergent (%s over-represented, %d/%d, log e %.1f)",

@@ -54,8 +54,9 @@ def regrown(cfg: ClustererConfig, emitted_at: dict[int, int], own_total: Callabl
 
 
 def choose_splits(cfg: ClustererConfig, active: Iterable[tuple[int, int, np.ndarray]], members: Members,
-                  regrowing: list[tuple[float, int]]) -> list[int]:
-    """Ids to split now, at most ``max_splits_per_check`` and the room left under ``k_max``.
+                  regrowing: list[tuple[float, int]]) -> list[tuple[int, bool]]:
+    """(id, chosen because the two models part there) to split now, at most
+    ``max_splits_per_check`` and the room left under ``k_max``.
 
     ``active``: (id, displayed texts, centroid) of every active cluster, in the engine's order."""
     active = list(active)
@@ -78,8 +79,9 @@ def choose_splits(cfg: ClustererConfig, active: Iterable[tuple[int, int, np.ndar
     budget = min(room, cfg.max_splits_per_check)
     chosen = [cid for _, cid in sorted(regrowing, reverse=True)[:budget]]
     chosen += [cid for _, cid in sorted(mixed, reverse=True) if cid not in chosen][: max(1, budget // 2)]
+    parting = set(chosen)
     chosen += [cid for _, cid in sorted(sse, reverse=True) if cid not in chosen][: budget - len(chosen)]
-    return chosen[:budget]
+    return [(cid, cid in parting) for cid in chosen[:budget]]
 
 
 def inherited_counts(parent_total: np.ndarray, to_a: np.ndarray, roles: np.ndarray) -> np.ndarray:

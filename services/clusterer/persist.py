@@ -38,7 +38,7 @@ def to_bytes(st: ClusterState) -> bytes:
     arrays.update({f"tracker.{k}": v for k, v in tarr.items()})
     d = st.dim or 0
     arrays.update({
-        "own": st._own, "inherited": st._inherited, "lineage": st._lineage,
+        "own": st._own, "inherited": st._inherited,
         "seen_keys": np.fromiter(st._seen.keys(), np.uint64, len(st._seen)),
         "seen_cids": np.fromiter(st._seen.values(), np.int64, len(st._seen)),
         "warm_X": np.stack(st._warm_X) if st._warm_X else np.zeros((0, d), np.float32),
@@ -60,6 +60,7 @@ def to_bytes(st: ClusterState) -> bytes:
         "role_totals": st.role_totals.tolist(), "dim": st.dim, "rng": generator_state(st._rng),
         "warm_meta": st._warm_meta, "emitted": sorted(st._emitted),
         "emitted_at": sorted(st._emitted_at.items()), "samples": samples,
+        "spending": st.spending.get_state(),
     }
     arrays["meta"] = np.frombuffer(zlib.compress(orjson.dumps(meta)), dtype=np.uint8)
     return _npz(arrays)
@@ -112,7 +113,7 @@ def from_bytes(cls: type[ClusterState], data: bytes, cfg: ClustererConfig) -> Cl
     st._rng = generator_from_state(meta["rng"])
     st.seq, st.n_processed, st._dim = meta["seq"], meta["n_processed"], meta["dim"]
     st.role_totals = np.asarray(meta["role_totals"], np.int64)
-    st._own, st._inherited, st._lineage = (arrays[k].copy() for k in ("own", "inherited", "lineage"))
+    st._own, st._inherited = arrays["own"].copy(), arrays["inherited"].copy()
     st._seen = dict(zip(arrays["seen_keys"].tolist(), arrays["seen_cids"].tolist(), strict=True))
     st._warm_X = list(arrays["warm_X"].astype(np.float32))
     st._warm_meta = [_ref_tuple(t) for t in meta["warm_meta"]]
@@ -125,6 +126,7 @@ def from_bytes(cls: type[ClusterState], data: bytes, cfg: ClustererConfig) -> Cl
         setattr(st, name, res)
     st._prev_centroids, st._prev_ids = arrays.get("prev_centroids"), arrays.get("prev_ids")
     st._pca = arrays.get("pca")
+    st.spending.set_state(meta["spending"])
     return st
 
 

@@ -26,7 +26,9 @@ Counting rules (they make the divergence test valid and restores exact):
   Children's text reservoirs start empty (labels and holdouts come from texts they were assigned).
 * Cluster ids are created 0, 1, 2, ...; id j is tested at ``spending_level(j, alpha)``, so the
   family-wise error over every cluster ever created and every look is <= alpha
-  (:mod:`services.stats.share_tests`).
+  (:mod:`services.stats.share_tests`).  With ``parting_alpha_share`` > 0 the children of splits
+  chosen because the two models part there spend that share of alpha among themselves, the other
+  clusters the rest (each family in creation order; a child's family is fixed at its creation).
 
 Jobs live in their own modules: sampling in :mod:`.reservoir`, the split policy in :mod:`.growth`,
 candidate events in :mod:`.candidates`, snapshots in :mod:`.snapshot`, bytes in :mod:`.persist`.
@@ -58,7 +60,7 @@ from services.core.events import (
     TextRef,
     UncertaintyEvent,
 )
-from services.stats.share_tests import crossed
+from services.stats.share_tests import Spending, crossed
 
 __all__ = ["ClusterState", "CorruptStateError", "IngestResult", "decode_vectors", "digest", "is_label_split",
            "reservoir_slots", "role_divergence", "text_key"]
@@ -85,6 +87,8 @@ class ClusterState:
         self.alpha = alpha
         self.engine: ClusterEngine = make_engine(cfg.engine, cfg.k_initial, cfg.seed, cfg.threads)
         self.tracker = UncertaintyTracker(cfg, experiment_id, alpha)
+        share = cfg.parting_alpha_share  # family 1: clusters born of a split where the models part
+        self.spending = Spending(alpha, (1.0 - share, share) if share else (1.0,))
         self._rng = np.random.default_rng(cfg.seed)
         self.seq = 0
         self.n_processed = 0  # unique texts fed to the engine (warm-up included once fitted)
@@ -96,7 +100,6 @@ class ClusterState:
         self._warm_keys: list[int] = []
         self._own = np.zeros((0, 2), np.int64)  # indexed by cluster id (ids are dense)
         self._inherited = np.zeros((0, 2), np.int64)
-        self._lineage = np.zeros((0, 2), np.int64)  # texts assigned to the id or a descendant since its creation
         self._emitted: set[int] = set()
         self._emitted_at: dict[int, int] = {}  # cluster id -> own texts when it became a candidate
         # samples: texts per cluster, role and split (key text_key(cid, role, label)); member
@@ -216,7 +219,6 @@ class ClusterState:
             grow = max(need, 2 * len(self._own)) - len(self._own)
             self._own = np.vstack([self._own, np.zeros((grow, 2), np.int64)])
             self._inherited = np.vstack([self._inherited, np.zeros((grow, 2), np.int64)])
-            self._lineage = np.vstack([self._lineage, np.zeros((grow, 2), np.int64)])
 
     def _record(self, a: Assignment, X: np.ndarray, meta: list[RefTuple], keys: list[int]) -> None:
         """Count, sample and track one piece of arrivals (labels fixed at arrival)."""
@@ -226,25 +228,12 @@ class ClusterState:
         is_label = np.fromiter((is_label_split(m[0], self.cfg.label_fraction) for m in meta),
                                dtype=bool, count=len(meta))
         np.add.at(self._own, (labels, roles), 1)
-        self._count_lineage(labels, roles)
         self._seen.update(zip(keys, labels.tolist(), strict=True))
         u = self._rng.random((len(meta), 3))  # one draw per text for each kind of sample, in stream order
         self.texts.offer(labels * 4 + roles * 2 + is_label, u[:, 0], meta)
         self.members.offer(labels, u[:, 1], lambda i: (int(roles[i]), X[i].astype(np.float16)))
         self.global_texts.offer(roles * 2 + is_label, u[:, 2], meta)
         self.tracker.observe(labels, roles, a.margin, a.second, meta.__getitem__, is_label)
-
-    def _count_lineage(self, labels: np.ndarray, roles: np.ndarray) -> None:
-        """Add a piece's texts to their clusters' lineages: the cluster and every ancestor."""
-        uniq, inv = np.unique(labels, return_inverse=True)
-        add = np.zeros((len(uniq), 2), np.int64)
-        np.add.at(add, (inv, roles), 1)
-        parents = self.engine.parents
-        for cid, row in zip(uniq.tolist(), add, strict=True):
-            node: int | None = cid
-            while node is not None:
-                self._lineage[node] += row
-                node = parents.get(node)
 
     # ================================================================== growth
     def _grow(self) -> None:
@@ -254,8 +243,8 @@ class ClusterState:
                   for row, cid in enumerate(self.engine.ids)]
         regrowing = regrown(self.cfg, self._emitted_at, lambda c: int(self._own[c].sum()),
                             lambda c: len(self.members.get(c)))
-        for cid in choose_splits(self.cfg, active, self._members, regrowing):
-            self._split(cid)
+        for cid, parting in choose_splits(self.cfg, active, self._members, regrowing):
+            self._split(cid, parting)
 
     def _members(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
         items = self.members.get(cid)
@@ -264,7 +253,7 @@ class ClusterState:
         return (np.stack([v for _, v in items]).astype(np.float32),
                 np.fromiter((r for r, _ in items), np.int8, len(items)))
 
-    def _split(self, cid: int) -> None:
+    def _split(self, cid: int, parting: bool = False) -> None:
         Xr, roles = self._members(cid)
         try:
             a, b = self.engine.split(cid, Xr)
@@ -272,6 +261,9 @@ class ClusterState:
             log.debug("cluster %d not split: %s", cid, exc)
             return
         self._ensure_capacity()
+        for child in (a, b):  # the alpha family is fixed now, before any text of the child is counted
+            self.spending.level(child - 1)  # ids created before (initial fit) into family 0
+            self.spending.add(int(parting))
         ca, cb = self.engine.centroid_of(a), self.engine.centroid_of(b)
         to_a = np.linalg.norm(Xr - ca, axis=1) <= np.linalg.norm(Xr - cb, axis=1)
         parent_total = self._own[cid] + self._inherited[cid]
@@ -298,17 +290,13 @@ class ClusterState:
         if not self.engine.fitted:
             return []
         view = self._view()
-        ids, counts, tested = view.ids, view.own, view.emitted
-        if self.cfg.test_lineage:  # a split id goes on being tested on its descendants' texts
-            gone = np.asarray([c for c in self.engine.retired if c not in self._emitted], np.int64)
-            ids, counts = np.concatenate([ids, gone]), np.concatenate([counts, self._lineage[gone]])
-            tested = np.concatenate([tested, np.zeros(len(gone), bool)])
-        rows, log_e = crossed(ids, counts, tested, self.alpha, self.cfg.min_cluster_texts)
+        levels = np.array([self.spending.level(int(c)) for c in view.ids])
+        rows, log_e = crossed(view.ids, view.own, view.emitted, levels, self.cfg.min_cluster_texts)
         out = []
         for row in rows.tolist():
-            cid = int(ids[row])
+            cid = int(view.ids[row])
             self._emitted.add(cid)
-            self._emitted_at[cid] = int(counts[row].sum())
+            self._emitted_at[cid] = int(view.own[row].sum())
             out.append(candidates.cluster_candidate(self, cid, float(log_e[row])))
         return out
 

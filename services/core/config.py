@@ -203,7 +203,7 @@ class ClustererConfig(Strict):
     # generators' outputs interleave.  A text whose partner has not come after this many further
     # texts is ingested alone (its partner failed).
     pair_wait_texts: int = Field(default=5000, ge=1)
-    k_initial: int = Field(default=20, ge=2)
+    k_initial: int = Field(default=40, ge=2)  # finer first clusters: purer, so found sooner (bench/detection.py)
     k_max: int = Field(default=100, ge=2)
     warmup: int = Field(default=400, ge=10)  # texts before the first fit
     batch_size: int = Field(default=256, ge=1)
@@ -218,10 +218,12 @@ class ClustererConfig(Strict):
     label_fraction: float = Field(default=0.3, gt=0, lt=1)  # rest is held out for validation
     snapshot_every_s: float = Field(default=5.0, gt=0)
     snapshot_every_n: int = Field(default=2000, ge=1)
-    min_cluster_texts: int = Field(default=30, ge=4)  # before a cluster may become a candidate
-    # a split cluster goes on being tested on the texts of its descendants (a region), at its own
-    # alpha level: a behaviour spread over sibling clusters is one region (bench/detection.py)
-    test_lineage: bool = False
+    # own texts before a cluster may become a candidate; the e-process is valid at any n, so this
+    # only guards the labeler's material (30 cost the sim's rarest behaviour most of its detections)
+    min_cluster_texts: int = Field(default=12, ge=4)
+    # share of alpha for the children of splits chosen because the two models part there (they
+    # spend it among themselves, so a carved-out behaviour is not tested at a late id's level)
+    parting_alpha_share: float = Field(default=0.5, ge=0, lt=1)
     boundary_margin: float = Field(default=0.05, ge=0)
     drift_delta: float = Field(default=0.002, gt=0)
     seed: int = 0
