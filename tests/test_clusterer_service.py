@@ -360,3 +360,32 @@ def _state_without_experiment(data: bytes) -> tuple:
     arrays, meta = persist.read(data)
     meta = {k: v for k, v in meta.items() if k not in ("experiment_id", "tracker")}
     return sorted((k, v.tobytes()) for k, v in arrays.items()), orjson.dumps(meta, option=orjson.OPT_SORT_KEYS)
+
+
+async def test_snapshot_numbers_are_never_reused_after_a_restart(redis_url: str, unique: str) -> None:
+    """A clusterer that dies after publishing snapshots it had not saved yet restarts from its last
+    save; its next snapshot must get a new number (the sink keeps one snapshot per number, so a reused
+    number with other content would leave it showing a stale one)."""
+    cfg = _cfg(unique, "127.0.0.1:1", redis_url, snapshot_every_n=100_000, snapshot_every_s=3600)
+    events = _pairs(cfg, 300)
+    published: list = []
+    async with running(ClustererService(offline_context(cfg, redis_url))) as first:  # no drain: a crash
+        await first.handle([Incoming(e, None) for e in events[:200]])
+        await first._save()  # the last save comes before any snapshot
+        first.emit = _collect(published)  # type: ignore[method-assign]
+        await first._emit_snapshot()
+        await first._emit_snapshot()
+    again: list = []
+    second = ClustererService(offline_context(cfg, redis_url))
+    async with running(second):
+        second.emit = _collect(again)  # type: ignore[method-assign]
+        await second._emit_snapshot()
+    seqs = [s.seq for s in published]
+    assert seqs == [1, 2] and again[0].seq == 3, (seqs, again[0].seq)
+
+
+def _collect(into: list) -> Callable:
+    async def emit(event, topic=None) -> None:
+        into.append(event)
+
+    return emit

@@ -66,7 +66,9 @@ class ClustererService(Service):
         self.k_state = f"{ns}:clusterer:{exp}:state"
         self.k_offsets = f"{ns}:clusterer:{exp}:offsets"
         self.k_pending = f"{ns}:clusterer:{exp}:pending"
-        raw_pending, raw = await self._retrying("restore", lambda: self.redis.mget(self.k_pending, self.k_state))
+        self.k_seq = f"{ns}:clusterer:{exp}:seq"  # highest snapshot number ever published
+        raw_pending, raw, raw_seq = await self._retrying(
+            "restore", lambda: self.redis.mget(self.k_pending, self.k_state, self.k_seq))
         wait = self.cfg.clusterer.pair_wait_texts
         saved = orjson.loads(raw_pending) if raw_pending else None
         self.pairs = PairBuffer.from_json(saved, wait) if saved else PairBuffer(wait)
@@ -74,13 +76,16 @@ class ClustererService(Service):
             self.n_orphans, self.n_uncertainty = saved.get("orphans", 0), saved.get("uncertainty", 0)
             self.barrier = ControlEvent.model_validate(saved["barrier"]) if saved.get("barrier") else None
         self.state = await self._restore(raw)
+        # snapshots published after the last save must not see their numbers reused with other content
+        # after a restart (the sink keeps one snapshot per number): continue after the highest published
+        self.state.seq = max(self.state.seq, int(raw_seq or 0))
         self.uncommitted: dict[TopicPartition, int] = {}
         self.since_save = 0
         self.last_save = self.clock.monotonic()
         self.save_failures = 0
         self.next_save_at = 0.0
         self.last_emitted_n = -1
-        self.last_emit = 0.0
+        self.last_emit = float("-inf")
         m = self.metrics
         self.m_texts = m.counter("clusterer_texts_total", "Texts ingested (new / duplicate)", ["kind"])
         self.m_k = m.gauge("clusterer_clusters", "Active clusters", ["service"])
@@ -207,7 +212,7 @@ class ClustererService(Service):
         pipe.set(self.k_pending, orjson.dumps({
             **self.pairs.to_json(), "orphans": self.n_orphans, "uncertainty": self.n_uncertainty,
             "barrier": self.barrier.model_dump(mode="json") if self.barrier is not None else None}))
-        expire_in_pipeline(pipe, self.cfg, self.k_state, self.k_offsets, self.k_pending)
+        expire_in_pipeline(pipe, self.cfg, self.k_state, self.k_offsets, self.k_pending, self.k_seq)
         try:
             await pipe.execute()
         except (RedisError, OSError) as exc:
@@ -242,6 +247,7 @@ class ClustererService(Service):
             snap = self.state.snapshot()
         snap.barrier_round, snap.n_arrived, snap.n_orphans = barrier_round, self.n_arrived, self.n_orphans
         snap.n_candidates, snap.n_uncertainty = self.state.n_candidates, self.n_uncertainty
+        await self.redis.set(self.k_seq, snap.seq)  # before it is out: a crash after this never reuses it
         await self.emit(snap)
         self.last_emitted_n = snap.n_seen
         self.last_emit = self.clock.monotonic()
