@@ -247,7 +247,10 @@ class ClustererService(Service):
             snap = self.state.snapshot()
         snap.barrier_round, snap.n_arrived, snap.n_orphans = barrier_round, self.n_arrived, self.n_orphans
         snap.n_candidates, snap.n_uncertainty = self.state.n_candidates, self.n_uncertainty
-        await self.redis.set(self.k_seq, snap.seq)  # before it is out: a crash after this never reuses it
+        try:  # before it is out: a crash after this never reuses the number
+            await self.redis.set(self.k_seq, snap.seq)
+        except (RedisError, OSError):  # during an outage saves are held back too; publishing goes on
+            self.log.debug("snapshot number not recorded (Redis unavailable)", extra={"seq": snap.seq})
         await self.emit(snap)
         self.last_emitted_n = snap.n_seen
         self.last_emit = self.clock.monotonic()
