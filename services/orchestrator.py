@@ -40,6 +40,7 @@ from services.core.topics import Topics
 from services.core.topology import Topology
 
 log = logging.getLogger("autointerv.run")
+STEP_GRACE_S = 10.0  # on top of bus.shutdown_timeout_s: the step a service is in when told to stop
 
 
 def pipeline_classes() -> list[type[Service]]:
@@ -176,6 +177,12 @@ async def _stop_all(services: dict[str, Service], tasks: dict[str, asyncio.Task[
     """Stop in topology stop order (producers first) so downstream services drain what is in flight."""
     for name in Topology.of(services.values()).stop_order:
         services[name].stop()
+    any_cfg = next(iter(services.values())).cfg
+    # each service's own drain is bounded (bus.shutdown_timeout_s); this bounds the step in flight too
+    _, late = await asyncio.wait(tasks.values(), timeout=any_cfg.bus.shutdown_timeout_s + STEP_GRACE_S)
+    for task in late:
+        log.error("service did not stop in time; cancelled", extra={"service": task.get_name()})
+        task.cancel()
     results = await asyncio.gather(*tasks.values(), return_exceptions=True)
     for name, res in zip(tasks, results, strict=True):
         if isinstance(res, BaseException) and not isinstance(res, asyncio.CancelledError):

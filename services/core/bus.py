@@ -223,23 +223,29 @@ class KafkaBus(Bus):
     def consumer(self, topics: list[str], group_id: str, client_id: str) -> Consumer:
         return make_consumer(self.cfg, self.bootstrap, topics, group_id, client_id)
 
+    @property
+    def _probe_timeout_s(self) -> float:
+        """Lag queries and pings are auxiliary: they answer within seconds or count as a failure
+        (a 30 s request timeout here made a dead broker take minutes to notice)."""
+        return min(PROBE_TIMEOUT_S, self.cfg.request_timeout_s)
+
     async def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
         async with self._probe_lock:
-            return await asyncio.wait_for(self._probe.end_offsets(topics), self.cfg.request_timeout_s)
+            return await _within(self._probe.end_offsets(topics), self._probe_timeout_s)
 
     async def ping(self) -> None:
         """A metadata request that must reach a broker (aiokafka answers many queries from its
         cached metadata, so a dead broker can look alive to them)."""
         async with self._probe_lock:
-            await asyncio.wait_for(self._probe.ping(), self.cfg.request_timeout_s)
+            await _within(self._probe.ping(), self._probe_timeout_s)
 
     async def group_lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
         async with self._probe_lock:
-            return await asyncio.wait_for(self._probe.lag(group_id, topics), self.cfg.request_timeout_s)
+            return await _within(self._probe.lag(group_id, topics), self._probe_timeout_s)
 
     async def close(self) -> None:
-        async with self._probe_lock:
-            await self._probe.close()
+        closing = asyncio.ensure_future(self._probe.close())  # never waits on a dead broker for long
+        await asyncio.wait({closing}, timeout=self._probe_timeout_s)
 
 
 def client_security_kwargs(bus: BusConfig, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -262,6 +268,21 @@ def client_security_kwargs(bus: BusConfig, environ: Mapping[str, str] | None = N
                       sasl_plain_password=env[name])
     return kwargs
 
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+async def _within(work: Any, timeout_s: float) -> Any:
+    """``work`` within ``timeout_s`` or TimeoutError, without waiting for a cancelled aiokafka
+    call to unwind (it keeps retrying the dead broker while cancelled)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise TimeoutError(f"no answer from the broker within {timeout_s:.0f}s")
+    return task.result()
 
 
 async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int, replication: int,

@@ -91,12 +91,13 @@ class OutageTracker:
     def backoff_s(self) -> float:
         return min(5.0, 0.2 * 2 ** min(self.failures, 5))
 
-    def failed(self, exc: BaseException, source: str) -> None:
-        """Count one failure; raise InfrastructureLost once the outage outlasts its limit."""
+    def failed(self, exc: BaseException, source: str, started: float | None = None) -> None:
+        """Count one failure of work begun at ``started`` (default: now); raise InfrastructureLost
+        once the outage, counted from the first failing attempt's start, outlasts its limit."""
         kind = "cache" if isinstance(exc, REDIS_ERRORS) else "broker"
         now = self.clock.monotonic()
         if self.current is None or self.current.kind != kind:
-            self.current = Outage(kind, source, now)
+            self.current = Outage(kind, source, now if started is None else started)
         out = self.current
         out.failures += 1
         self.on_failure(kind)

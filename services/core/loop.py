@@ -236,12 +236,13 @@ class ServiceLoop:
         consumer = self._consumer
         if consumer is None:
             return
+        started = self.clock.monotonic()
         try:  # also the liveness probe: a consumer whose coordinator died has no assignment to show it
             await self.bus.ping()
             ends = await self.bus.end_offsets(self.input_topics())
         except Exception as exc:
             with contextlib.suppress(InfrastructureLost):
-                self.outages.failed(BROKER_ERRORS[0](f"lag query failed: {exc!r}"), "probe")
+                self.outages.failed(BROKER_ERRORS[0](f"lag query failed: {exc!r}"), "probe", started)
             return
         self.outages.recovered("probe")
         total = 0
