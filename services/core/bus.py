@@ -209,6 +209,7 @@ class KafkaBus(Bus):
         self.security = client_security_kwargs(cfg)
         self._probe = LagProbe(bootstrap, self.security)
         self._probe_lock = asyncio.Lock()  # the probe's consumer seeks: one query at a time
+        self._last_ping: tuple[float, BaseException | None] = (float("-inf"), None)
 
     @property
     def address(self) -> str:
@@ -235,9 +236,20 @@ class KafkaBus(Bus):
 
     async def ping(self) -> None:
         """A metadata request that must reach a broker (aiokafka answers many queries from its
-        cached metadata, so a dead broker can look alive to them)."""
+        cached metadata, so a dead broker can look alive to them).  Every service of the process
+        asks; one request answers them all for ``PING_REUSE_S``, so the probes never pile up."""
+        loop = asyncio.get_running_loop()
         async with self._probe_lock:
-            await _within(self._probe.ping(), self._probe_timeout_s)
+            if loop.time() - self._last_ping[0] < PING_REUSE_S:
+                if self._last_ping[1] is not None:
+                    raise self._last_ping[1]
+                return
+            try:
+                await _within(self._probe.ping(), self._probe_timeout_s)
+                self._last_ping = (loop.time(), None)
+            except Exception as exc:
+                self._last_ping = (loop.time(), exc)
+                raise
 
     async def group_lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
         async with self._probe_lock:
@@ -271,6 +283,7 @@ def client_security_kwargs(bus: BusConfig, environ: Mapping[str, str] | None = N
 
 
 PROBE_TIMEOUT_S = 5.0
+PING_REUSE_S = 2.0
 
 
 async def _within(work: Any, timeout_s: float) -> Any:

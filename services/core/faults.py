@@ -114,9 +114,11 @@ class OutageTracker:
                 "kind": kind, "for_s": round(now - out.since, 1), "failures": out.failures,
                 "limit_s": limit, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
 
-    def recovered(self, source: str) -> None:
+    def recovered(self, source: str, broker_alive: bool = False) -> None:
+        """The work ``source`` succeeded; ``broker_alive``: it went through the broker, so a broker
+        outage noticed elsewhere (the probe) is over too."""
         out = self.current
-        if out is not None and out.source == source:
+        if out is not None and (out.source == source or (broker_alive and out.kind == "broker")):
             self.log.warning("infrastructure answers again", extra={
                 "kind": out.kind, "after_s": round(self.clock.monotonic() - out.since, 1), "failures": out.failures})
             self.current = None
