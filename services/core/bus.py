@@ -121,8 +121,10 @@ class EventProducer(ABC):
         if not pending:
             return
         limit = self.request_timeout_s if timeout_s is None else timeout_s
+        gathered = asyncio.gather(*pending)
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even after a timeout
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.gather(*pending)), limit)
+            await asyncio.wait_for(asyncio.shield(gathered), limit)
         except TimeoutError:
             self._pending = [f for f in pending if not f.done()] + self._pending
             raise BrokerUnavailable(f"{len(self._pending)} record(s) not acknowledged within {limit:.0f}s") from None
