@@ -297,9 +297,12 @@ class SamplingPolicy:
         evidence = view.prompt_evidence(c.saturation_texts)
         hits = np.array([evidence.get(p.prompt_id, (0.0, 0))[0] for p in self.prompts], dtype=np.float64)
         pairs = np.array([evidence.get(p.prompt_id, (0, 0))[1] for p in self.prompts], dtype=np.float64)
-        mean = (hits.sum() + 1.0) / (pairs.sum() + 2.0)  # the pooled rate: the prior's mean
+        # a pair can bring two hot texts (its need sums over both), so hits per pair are capped at 1:
+        # a "rate" above 1 would give the Beta a non-positive b
+        hits = np.minimum(hits, pairs)
+        mean = (hits.sum() + 1.0) / (pairs.sum() + 2.0)  # the pooled rate: the prior's mean, in (0, 1)
         a = mean * c.prior_strength + hits
-        b = (1.0 - mean) * c.prior_strength + np.maximum(pairs - hits, 0.0)
+        b = (1.0 - mean) * c.prior_strength + (pairs - hits)
         closed = np.array([not self.is_open(p.prompt_id) for p in self.prompts])
         counts = np.zeros(len(self.prompts), dtype=np.int64)
         for start in range(0, picks, 64):  # bounded memory for large prompt sets
