@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import TopicPartition
 
-from services.core.bus import Bus, EventProducer, PartitionLag, lags_of
+from services.core.bus import Bus, EventProducer
 from services.core.clock import VirtualClock
 from services.core.config import BusConfig
+from services.core.offsets import PartitionLag, lags_of
 from services.core.topics import Topics
 
 if TYPE_CHECKING:
