@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.core.bus import Topics
 from services.core.config import Config, EmbedderConfig, LLMConfig, load_config
+from services.core.decision import decides
 from services.core.metrics import Metrics
 from services.core.runtime import ServiceContext
 from services.hypothesis_sets import Labelled, MemoEncoder, build_set
@@ -101,7 +102,7 @@ async def run_arm(name: str, cfg: Config, tiers: list[Tier], items: list[Labelle
                 if svc.tier_cfg.name == expensive:
                     arm.expensive_calls += len(pos) + len(neg)
                 v = svc.decide(h, scores, lord)
-                if v.decision != "escalated":
+                if decides(v):
                     arm.decisions[h.hypothesis_id] = v.decision
                     arm.decided_at[v.tier] += 1
                     break

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from services.core.config import Config, PlantedBehaviour, load_config
+from services.core.decision import rank, supersedes
 from services.core.events import CandidateCluster, DecodedText, EmbeddedText, Hypothesis, Validation
 from services.core.memory_bus import Record
 from services.core.resources import Resources
@@ -103,7 +104,7 @@ class ExperimentResult:
     candidates: list[CandidateCluster]
     hypotheses: list[Hypothesis]
     validations: list[Validation]
-    final: dict[str, Validation]  # hypothesis id -> its final (non-escalated) decision
+    final: dict[str, Validation]  # hypothesis id -> its deciding validation (services/core/decision.py)
     found_at: dict[str, int]  # behaviour -> texts generated when a finding first said it (groundtruth by meaning)
     matched: dict[str, str | None]  # finding's hypothesis id -> behaviour its text says (None: none)
     behaviours: list[PlantedBehaviour]
@@ -130,8 +131,7 @@ class _Observer:
 
     def __init__(self, cfg: Config, behaviours: list[PlantedBehaviour], matcher: Matcher, keep_vectors: bool) -> None:
         self.cfg = cfg
-        topics = Topics(cfg.bus.topic_prefix)
-        self.names = {topics.name(t): t for t in ("texts", "embeddings", "candidates", "hypotheses", "validations")}
+        self.topics = Topics(cfg.bus.topic_prefix)
         self.behaviours = behaviours
         self.matcher = matcher
         self.keep_vectors = keep_vectors
@@ -146,7 +146,7 @@ class _Observer:
         self.vectors: list[np.ndarray] = []
 
     def __call__(self, rec: Record) -> None:
-        logical = self.names.get(rec.topic)
+        logical = self.topics.logical(rec.topic)
         if logical == "texts":
             t = DecodedText.from_bytes(rec.value)
             self.texts += 1
@@ -161,15 +161,17 @@ class _Observer:
         elif logical == "validations":
             v = Validation.from_bytes(rec.value)
             self.validations.append(v)
-            if v.decision != "escalated" and v.hypothesis_id not in self.final:
+            current = self.final.get(v.hypothesis_id)
+            if supersedes(v, rank(current) if current is not None else None):  # the sink's rule
                 self.final[v.hypothesis_id] = v
-                if v.decision == "validated":
-                    self._score(v)
+                self._score(v)
 
     def _score(self, v: Validation) -> None:
-        """Ground truth of a finding (validated on held-out texts) as it arrives."""
+        """Ground truth of a hypothesis' final decision as it arrives.  A finding superseded by a
+        later tier's rejection (a re-run) loses its match; ``found_at`` keeps when it was first said."""
         h = self.hypotheses.get(v.hypothesis_id) or v.hypothesis
         if h is None or not self.behaviours or not is_finding(v.decision, v.auc):
+            self.matched.pop(v.hypothesis_id, None)
             return
         name = self.matcher(h, self.truth, self.cfg)
         self.matched[h.hypothesis_id] = name

@@ -32,7 +32,8 @@ from services.core.events import (
     Validation,
 )
 from services.groundtruth import GroundTruthRule
-from services.sink.writer import RunWriter, finalize_run
+from services.sink.finalize import finalize_run
+from services.sink.run_writer import RunWriter
 
 EXP = "report-fixture"
 N = 30

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from services.core.bus import Topics
+from services.core.bus import Topics, make_consumer
 from services.core.config import Config
 from services.core.events import Event
 from services.core.metrics import Metrics
@@ -42,3 +43,20 @@ async def running(svc: S) -> AsyncIterator[S]:
     finally:
         await svc.teardown()
         await svc.producer.stop()
+
+
+async def read_records(cfg: Config, bootstrap: str, logical: str, want: int, timeout_s: float = 30) -> list[Any]:
+    """Up to ``want`` records of one logical topic from the start, read by a fresh consumer group
+    (waits at most ``timeout_s``: the caller asserts on how many came)."""
+    cons = make_consumer(cfg.bus, bootstrap, [Topics(cfg.bus.topic_prefix).name(logical)],
+                         f"reader-{time.time_ns()}", "reader")
+    await cons.start()
+    out: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(out) < want and time.monotonic() < deadline:
+            got = await cons.getmany(timeout_ms=300)
+            out += [r for recs in got.values() for r in recs]
+    finally:
+        await cons.stop()
+    return out

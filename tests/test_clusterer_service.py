@@ -15,12 +15,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
-from service_helpers import offline_context, running
+from service_helpers import offline_context, read_records, running
 
 from services.clusterer.pairing import PairBuffer
 from services.clusterer.service import ClustererService
 from services.clusterer.state import ClusterState, CorruptStateError, IngestResult, decode_vectors
-from services.core.bus import Producer, Topics, ensure_topics, group_lag, make_consumer
+from services.core.bus import Producer, Topics, ensure_topics, group_lag
 from services.core.config import Config, load_config
 from services.core.events import DeadLetter, EmbeddedText
 from services.core.infra import EmbeddedCache
@@ -82,21 +82,6 @@ async def _until(cond: Callable[[], bool], what: str, timeout_s: float = 60) -> 
 
 async def _committed(bootstrap: str, group: str, topic: str) -> int:
     return sum(p.committed or 0 for p in await group_lag(bootstrap, group, [topic]))
-
-
-async def _read(cfg: Config, bootstrap: str, logical: str, want: int, timeout_s: float = 30) -> list:
-    cons = make_consumer(cfg.bus, bootstrap, [Topics(cfg.bus.topic_prefix).name(logical)],
-                         f"reader-{time.time_ns()}", "reader")
-    await cons.start()
-    out: list = []
-    try:
-        deadline = time.monotonic() + timeout_s
-        while len(out) < want and time.monotonic() < deadline:
-            got = await cons.getmany(timeout_ms=300)
-            out += [r for recs in got.values() for r in recs]
-    finally:
-        await cons.stop()
-    return out
 
 
 def _assert_finite(state_bytes: bytes, cfg: Config) -> ClusterState:
@@ -165,7 +150,7 @@ async def test_poison_records_are_dead_lettered_and_touch_no_state(kafka_bootstr
                 await prod.send_raw(emb, _poisoned(e, f"poison-{name}", **POISON[name]), key=b"k")
         await prod.flush()
         await _until(lambda: int(svc.state.role_totals.sum()) == len(events), "every good text clustered")
-        dead = await _read(cfg, kafka_bootstrap, DeadLetter.topic, len(POISON))
+        dead = await read_records(cfg, kafka_bootstrap, DeadLetter.topic, len(POISON))
     finally:
         await prod.stop()
         svc.stop()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.core.events import DeadLetter
-from services.sink.writer import JsonlLog, read_events
+from services.sink.storage import JsonlLog, read_events
 
 
 def _dl(service: str, offset: int = 7) -> DeadLetter:

@@ -25,10 +25,11 @@ from typing import Any
 import pytest
 
 from bench.experiments import sim_config
+from services.core.decision import final_validation
 from services.core.events import CandidateCluster, GenerationRequest, Hypothesis, Validation
 from services.core.infra import Endpoints
 from services.orchestrator import run_memory_pipeline, run_pipeline_async
-from services.sink.writer import read_events
+from services.sink.storage import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +45,14 @@ def _config(tmp_run_dir: Path, unique: str, prefix: str) -> Any:
 
 def _digest(requests: list[GenerationRequest], candidates: list[CandidateCluster], hypotheses: list[Hypothesis],
             validations: list[Validation]) -> dict[str, Any]:
-    final = {}
+    by_h: dict[str, list[Validation]] = {}
     for v in validations:
-        if v.decision != "escalated":
-            final.setdefault(v.hypothesis_id, (v.tier, v.decision, round(v.p_value, 12)))
+        by_h.setdefault(v.hypothesis_id, []).append(v)
+    final = {}
+    for hid, vals in by_h.items():
+        v, decision = final_validation(vals)  # the rule the sink and the controller use
+        if v is not None and decision != "pending":
+            final[hid] = (v.tier, decision, round(v.p_value, 12))
     return {
         "requests": sorted((r.round, r.request_id, tuple(p.prompt_id for p in r.prompts), r.n_per_prompt,
                             tuple(e.text_id for e in r.exemplars)) for r in requests),

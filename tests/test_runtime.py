@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from service_helpers import read_records
 
 from services.clusterer.state import ClusterState
-from services.core.bus import Producer, Topics, ensure_topics, group_lag, make_consumer
+from services.core.bus import Producer, Topics, ensure_topics, group_lag
 from services.core.config import Config, dump_config, load_config
 from services.core.events import ClusterSnapshot, DeadLetter, EmbeddedText, GenerationRequest, PromptRef
 from services.core.metrics import Metrics
@@ -34,21 +35,6 @@ def _cfg(unique: str, bootstrap: str, redis_url: str, **over: object) -> Config:
     return load_config(None, environ={"KAFKA_BOOTSTRAP": bootstrap, "REDIS_URL": redis_url}, overrides=base)
 
 
-async def _read_all(cfg: Config, bootstrap: str, logical: str, want: int, timeout_s: float = 30) -> list:
-    topics = Topics(cfg.bus.topic_prefix)
-    cons = make_consumer(cfg.bus, bootstrap, [topics.name(logical)], f"reader-{time.time_ns()}", "reader")
-    await cons.start()
-    out = []
-    try:
-        deadline = time.monotonic() + timeout_s
-        while len(out) < want and time.monotonic() < deadline:
-            got = await cons.getmany(timeout_ms=300)
-            out += [r for recs in got.values() for r in recs]
-    finally:
-        await cons.stop()
-    return out
-
-
 async def test_bad_records_are_dead_lettered_and_the_service_carries_on(kafka_bootstrap, redis_url, unique):
     cfg = _cfg(unique, kafka_bootstrap, redis_url)
     topics = Topics(cfg.bus.topic_prefix)
@@ -64,8 +50,8 @@ async def test_bad_records_are_dead_lettered_and_the_service_carries_on(kafka_bo
                              prompts=[PromptRef(prompt_id="p1", text="Write a short note about tea.")])
     await prod.send(good)
     await prod.flush()
-    dead = await _read_all(cfg, kafka_bootstrap, DeadLetter.topic, 2)
-    texts = await _read_all(cfg, kafka_bootstrap, "texts", 2)
+    dead = await read_records(cfg, kafka_bootstrap, DeadLetter.topic, 2)
+    texts = await read_records(cfg, kafka_bootstrap, "texts", 2)
     svc.stop()
     await task
     await prod.stop()
@@ -117,7 +103,7 @@ async def test_sigterm_drains_and_commits(kafka_bootstrap, redis_url, unique, tm
     assert proc.wait(timeout=30) == 0, (tmp_path / "gen.log").read_text()[-2000:]
     lags = await group_lag(kafka_bootstrap, group, [topics.name("generation-requests")])
     assert sum(p.lag for p in lags) == 0
-    assert len(await _read_all(cfg, kafka_bootstrap, "texts", 60)) == 60
+    assert len(await read_records(cfg, kafka_bootstrap, "texts", 60)) == 60
 
 
 def _embedded(cfg: Config, n: int, seed: int = 0) -> list[EmbeddedText]:
@@ -166,7 +152,7 @@ async def test_clusterer_killed_and_restarted_loses_nothing_and_counts_nothing_t
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
     snaps = [ClusterSnapshot.from_bytes(r.value) for r in
-             await _read_all(cfg, kafka_bootstrap, "cluster-snapshots", 10_000, timeout_s=5)]
+             await read_records(cfg, kafka_bootstrap, "cluster-snapshots", 10_000, timeout_s=5)]
     final = max(snaps, key=lambda s: (s.n_seen, s.seq))
     assert final.n_seen == len(events)  # nothing lost, nothing twice
     # the same events through one uninterrupted state give exactly the same counts

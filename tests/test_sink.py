@@ -22,6 +22,7 @@ from rich.console import Console
 
 from services.core.bus import Producer, Topics, ensure_topics
 from services.core.config import Config, load_config
+from services.core.decision import final_validation
 from services.core.events import (
     CandidateCluster,
     ClusterQuality,
@@ -38,14 +39,12 @@ from services.core.events import (
 from services.core.metrics import Metrics
 from services.core.runtime import ServiceContext
 from services.sink import SinkService, load_results, render_table
-from services.sink.writer import (
-    JsonlLog,
-    ParquetParts,
-    RunWriter,
-    VectorReservoir,
-    final_validation,
-    finalize_run,
-)
+from services.sink.finalize import finalize_run
+from services.sink.map_sample import VectorReservoir
+from services.sink.results import RESULT_SCHEMA, RowKind, result_schema, results_rows
+from services.sink.run_state import RunState
+from services.sink.run_writer import RunWriter
+from services.sink.storage import JsonlLog, ParquetParts
 
 H1_TEXT = "Mentions cats & kittens <often>"  # needs escaping in HTML
 H2_TEXT = "Talks about the weather"
@@ -336,6 +335,55 @@ def test_reservoir_is_bounded_and_persists(tmp_path: Path) -> None:
     back = VectorReservoir.load(tmp_path / "m.parquet", size=10)
     assert back.ids == res.ids and back.n_seen == res.n_seen
     assert np.array_equal(np.stack(back.vectors), np.stack(res.vectors))
+    table = pq.read_table(tmp_path / "m.parquet")  # what the report reads (services/sink/run_view.py)
+    assert table.column_names == ["text_id", "role", "vector"] and table.column("text_id").to_pylist() == res.ids
+    assert table.schema.metadata[b"n_seen"] == str(res.n_seen).encode() and table.schema.metadata[b"dim"] == b"4"
+
+
+def test_reservoir_restart_continues_the_same_sample(tmp_path: Path) -> None:
+    """The generator's state is saved with the sample: a sink restarted halfway keeps exactly the
+    sample an uninterrupted one keeps (a fresh generator would draw other texts)."""
+    def offer(res: VectorReservoir, ids: range) -> None:
+        for i in ids:
+            res.offer(f"t{i}", "base", lambda i=i: np.full(3, i, dtype=np.float32), dim=3)
+
+    whole = VectorReservoir(size=8, seed=5)
+    offer(whole, range(400))
+    first = VectorReservoir(size=8, seed=5)
+    offer(first, range(200))
+    first.save(tmp_path / "m.parquet")
+    resumed = VectorReservoir.load(tmp_path / "m.parquet", size=8, seed=5)
+    offer(resumed, range(200, 400))
+    assert resumed.ids == whole.ids and resumed.n_seen == whole.n_seen == 400
+    assert np.array_equal(np.stack(resumed.vectors), np.stack(whole.vectors))
+
+
+def test_reservoir_reads_a_sample_saved_without_its_state(tmp_path: Path) -> None:
+    """map_sample.parquet as earlier versions wrote it: the sample and its count, no generator."""
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(6, dtype=np.float32)), 2)
+    table = pa.table({"text_id": ["a", "b", "c"], "role": ["base"] * 3, "vector": vec})
+    pq.write_table(table.replace_schema_metadata({"n_seen": "40", "dim": "2"}), tmp_path / "old.parquet")
+    res = VectorReservoir.load(tmp_path / "old.parquet", size=3)
+    assert (res.ids, res.n_seen, res.dim) == (["a", "b", "c"], 40, 2)
+    assert np.array_equal(res.vectors[2], [4.0, 5.0])
+    res.offer("a", "base", np.zeros(2))  # already in the sample: ignored, not counted
+    assert res.n_seen == 40
+
+
+def test_another_kind_of_row_adds_its_columns() -> None:
+    """A RowKind (what paired rows use) fills its own columns after the common ones."""
+    s = scripted("e")
+    paired = s["hypotheses"][0].model_copy(update={"kind": "paired"})
+    state = RunState(hypotheses={h.hypothesis_id: h for h in [paired, *s["hypotheses"][1:]]},
+                     validations=s["validations"])
+    kind = RowKind(columns=(pa.field("n_pairs", pa.int64()),),
+                   fields=lambda h, vals, st: {"n_pairs": len(vals)})
+    rows = {r["hypothesis_id"]: r for r in results_rows(state, 0.05, {"paired": kind})}
+    assert rows["h1"]["n_pairs"] == 2 and "n_pairs" not in rows["h2"]
+    assert list(rows["h1"])[-1] == "n_pairs" and set(rows["h2"]) == set(RESULT_SCHEMA.names)
+    schema = result_schema([kind])
+    assert schema.names == [*RESULT_SCHEMA.names, "n_pairs"]
+    assert pa.Table.from_pylist(list(rows.values()), schema=schema).column("n_pairs").to_pylist().count(2) == 1
 
 
 def test_render_table_lists_findings_only_and_escapes_markup() -> None:

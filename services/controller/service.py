@@ -40,6 +40,7 @@ from services.controller.policy import (
     plan_to_dict,
     rerun_seed_key,
 )
+from services.core.decision import rank, supersedes
 from services.core.events import (
     CandidateCluster,
     ClusterSnapshot,
@@ -80,6 +81,7 @@ class ControllerState:
     candidates: list[str] = field(default_factory=list)
     hypotheses: dict[str, list[Any]] = field(default_factory=dict)  # id -> [candidate id, siblings]
     decisions: dict[str, str] = field(default_factory=dict)  # hypothesis id -> final decision
+    decided_by: dict[str, Any] = field(default_factory=dict)  # hypothesis id -> rank of the deciding validation
     uncertainty: int = 0
     stopped_because: str = ""
     stop_reason: str = ""
@@ -188,8 +190,9 @@ class ControllerService(Service):
                     st.candidates.append(ev.candidate_id)
             elif isinstance(ev, Hypothesis):
                 st.hypotheses.setdefault(ev.hypothesis_id, [ev.candidate_id, ev.siblings])
-            elif isinstance(ev, Validation) and ev.decision != "escalated" and ev.hypothesis_id not in st.decisions:
+            elif isinstance(ev, Validation) and supersedes(ev, st.decided_by.get(ev.hypothesis_id)):
                 st.decisions[ev.hypothesis_id] = ev.decision
+                st.decided_by[ev.hypothesis_id] = rank(ev)
                 if ev.decision == "validated" and ev.hypothesis is not None:
                     policy.observe_explained(ev.hypothesis.text_ids)
 

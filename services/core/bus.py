@@ -28,7 +28,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from services.core.config import BusConfig, ConfigError
 from services.core.events import Envelope, Event
-from services.core.kafka_offsets import LagProbe, PartitionLag, end_offsets, group_lag
+from services.core.offsets import LagProbe, PartitionLag, end_offsets, group_lag, lags_of
 from services.core.topics import ESCALATION_PREFIX, LOGICAL_TOPICS, Topics, escalation_topic
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "ensure_topics",
     "escalation_topic",
     "group_lag",
+    "lags_of",
     "make_consumer",
 ]
 

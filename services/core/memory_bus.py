@@ -31,7 +31,7 @@ from aiokafka import TopicPartition
 from services.core.bus import Bus, EventProducer
 from services.core.clock import VirtualClock
 from services.core.config import BusConfig
-from services.core.kafka_offsets import PartitionLag, lags_of
+from services.core.offsets import PartitionLag, lags_of
 from services.core.topics import Topics
 
 if TYPE_CHECKING:

@@ -17,6 +17,20 @@ if TYPE_CHECKING:
     from services.embedder.encoder import Encoder
 
 
+async def make_encoder(cfg: EmbedderConfig) -> Encoder:
+    """Load the configured encoder off the event loop (model loading takes seconds).
+
+    The embedder modules are imported here, on first use, so that a process without an embedding
+    model (the controller, the generator) never loads them."""
+    if cfg.backend == "hashing":
+        from services.embedder.hashing import HashingEncoder
+
+        return HashingEncoder(cfg)
+    from services.embedder.encoder import load_encoder
+
+    return await asyncio.to_thread(load_encoder, cfg)
+
+
 class Resources:
     def __init__(self) -> None:
         self._encoders: dict[str, Encoder] = {}
@@ -27,8 +41,6 @@ class Resources:
         key = cfg.model_dump_json()
         async with self._lock:
             if key not in self._encoders:
-                from services.embedder.service import make_encoder
-
                 self._encoders[key] = await make_encoder(cfg)
             return self._encoders[key]
 

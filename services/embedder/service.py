@@ -11,27 +11,15 @@ reconnects with backoff; no event is dropped.
 
 from __future__ import annotations
 
-import asyncio
 from typing import ClassVar
 
 from redis.asyncio import Redis
 
-from services.core.config import Config, EmbedderConfig
+from services.core.config import Config
 from services.core.events import DecodedText, EmbeddedText
 from services.core.runtime import Incoming, Service, ServiceContext
 from services.embedder.cache import EmbeddingCache, connect, embed_normalised
-from services.embedder.encoder import Encoder, NotEmbeddable, embeddable_text
-
-
-async def make_encoder(cfg: EmbedderConfig) -> Encoder:
-    """Load the configured encoder off the event loop (model loading takes seconds)."""
-    if cfg.backend == "hashing":
-        from services.embedder.hashing import HashingEncoder
-
-        return HashingEncoder(cfg)
-    from services.embedder.encoder import load_encoder
-
-    return await asyncio.to_thread(load_encoder, cfg)
+from services.embedder.encoder import NotEmbeddable, embeddable_text
 
 
 def make_cache(cfg: Config, redis) -> EmbeddingCache | None:

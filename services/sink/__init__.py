@@ -1,7 +1,7 @@
 """The sink: the run directory (texts, clusters, hypotheses, results, summary) and report.html."""
 
+from services.sink.finalize import FinalRun, finalize_run
 from services.sink.service import SinkService
 from services.sink.table import load_results, render_table
-from services.sink.writer import FinalRun, finalize_run
 
 __all__ = ["FinalRun", "SinkService", "finalize_run", "load_results", "render_table"]

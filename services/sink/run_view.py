@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from services.core.events import ClusterSnapshot, decode_centroids
+from services.core.jsonl import iter_log_objects
 
 log = logging.getLogger("autointerv.sink")
 
@@ -100,21 +101,6 @@ class RunView:
 # --------------------------------------------------------------------------- readers
 
 
-def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Objects of a JSONL file; torn or unreadable lines are skipped."""
-    if not path.exists():
-        return
-    with path.open("rb") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    obj = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(obj, dict):
-                    yield obj
-
-
 def load_map_sample(path: Path) -> tuple[list[str], list[str], np.ndarray, dict[str, str]]:
     """(text ids, roles, vectors [n, dim], metadata) of a saved reservoir."""
     table = pq.read_table(path)
@@ -135,7 +121,7 @@ def _snapshots(path: Path) -> tuple[ClusterSnapshot | None, dict[int, np.ndarray
     lineage: dict[int, int] = {}
     latest: dict[str, Any] | None = None
     carrying: list[tuple[int, dict[str, Any]]] = []
-    for obj in iter_jsonl(path):
+    for obj in iter_log_objects(path):
         seq = int(obj.get("seq", -1))
         if seq in totals:
             continue
@@ -227,16 +213,16 @@ def load_run_view(run_dir: str | Path) -> RunView:
     summary = orjson.loads(summary_path.read_bytes()) if summary_path.exists() else {}
     latest, centroids, totals, lineage = _snapshots(run_dir / "snapshots.jsonl")
     validations: dict[str, list[dict[str, Any]]] = {}
-    for v in iter_jsonl(run_dir / "validations.jsonl"):
+    for v in iter_log_objects(run_dir / "validations.jsonl"):
         v.pop("hypothesis", None)  # a copy of the hypothesis travels along; not needed here
         validations.setdefault(str(v.get("hypothesis_id")), []).append(v)
     for vs in validations.values():
         vs.sort(key=lambda v: (v.get("tier_index", 0), v.get("created_at", 0.0)))
     view = RunView(
-        run_dir=run_dir, summary=summary, rows=list(iter_jsonl(run_dir / "results.jsonl")), snapshot=latest,
+        run_dir=run_dir, summary=summary, rows=list(iter_log_objects(run_dir / "results.jsonl")), snapshot=latest,
         totals_by_seq=totals, lineage=lineage,
-        candidates={str(c.get("candidate_id")): c for c in iter_jsonl(run_dir / "candidates.jsonl")},
-        hypotheses={str(h.get("hypothesis_id")): h for h in iter_jsonl(run_dir / "hypotheses.jsonl")},
+        candidates={str(c.get("candidate_id")): c for c in iter_log_objects(run_dir / "candidates.jsonl")},
+        hypotheses={str(h.get("hypothesis_id")): h for h in iter_log_objects(run_dir / "hypotheses.jsonl")},
         validations=validations)
     try:
         view.sample = load_sample(view, centroids)

@@ -30,7 +30,9 @@ from services.core.events import (
     Validation,
 )
 from services.core.runtime import Incoming, Service, ServiceContext
-from services.sink.writer import FinalRun, RunWriter, finalize_run, update_latest_link
+from services.sink.finalize import FinalRun, finalize_run
+from services.sink.run_writer import RunWriter
+from services.sink.storage import update_latest_link
 
 
 class SinkService(Service):

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from services.sink.findings import Finding, group_rows, paired_value
 from services.sink.formatting import DASH, finite, fmt_num, fmt_p, fmt_pp
-from services.sink.writer import RESULT_SCHEMA
+from services.sink.results import RESULT_SCHEMA
 
 
 def claim(text: str) -> str:

@@ -1,7 +1,7 @@
-"""Offsets on a Kafka-protocol broker: true end offsets (with Tansu's correction) and group lag.
-
-Used by the bus's lag queries, the runtime's liveness probe, backpressure and ``autointerv status``.
-"""
+"""Offsets and consumer lag on a Kafka broker: true end offsets (Tansu answers ListOffsets with
+the last batch's base offset), committed offsets per group, and a probe that keeps its connections
+for repeated queries (the runtime's lag metric and liveness probe, the generator's backpressure,
+``autointerv status``)."""
 
 from __future__ import annotations
 
@@ -144,3 +144,4 @@ def lags_of(ends: Mapping[TopicPartition, int], committed: Mapping[TopicPartitio
         off = meta if isinstance(meta, int) else (meta.offset if meta is not None else None)
         out.append(PartitionLag(tp.topic, tp.partition, end, off if off is not None and off >= 0 else None))
     return out
+
