@@ -2,9 +2,10 @@
 
 Services keep their state under ``<namespace>:<kind>:<experiment id>[:<more>]`` (the controller's
 rounds, the clusterer's snapshot, each validator tier's LORD++ wealth and decisions, the shared LLM
-budget, the endpoint registry).  Every write refreshes the key's TTL, so a running experiment never
-loses state, and a finished or abandoned one is gone ``state_ttl_s`` after its last write instead of
-piling up for ever.  ``autointerv clean EXPERIMENT`` deletes it at once.
+budget, the endpoint registry, the generator's text store: services/core/text_store.py).  Every
+write refreshes the key's TTL, so a running experiment never loses state, and a finished or
+abandoned one is gone ``state_ttl_s`` after its last write instead of piling up for ever.
+``autointerv clean EXPERIMENT`` deletes it at once.
 
 Embedding vectors and LLM responses are *not* per-experiment: they are shared, content-addressed
 caches with their own TTL (``cache.ttl_s``) and survive a clean, so a rerun still hits them.
@@ -19,7 +20,7 @@ from services.core.config import Config
 
 # Key kinds that hold one experiment's state.  A service that adds per-experiment keys adds its kind
 # here, so `clean` finds them; shared caches (vectors, LLM responses) must never be listed.
-STATE_KINDS: tuple[str, ...] = ("controller", "clusterer", "lord", "decided", "budget", "endpoints")
+STATE_KINDS: tuple[str, ...] = ("controller", "clusterer", "lord", "decided", "budget", "endpoints", "texts")
 
 
 def state_ttl(cfg: Config) -> int | None:

@@ -4,7 +4,9 @@ Replicas in one consumer group share requests (one per GPU via CUDA_VISIBLE_DEVI
 serves the roles in ``generator.roles``; replicas serving different roles use different groups, so
 each request reaches exactly one replica that can serve it.  Text ids are derived from
 (request, role, prompt, sample), so a re-delivered request yields the same ids and downstream
-consumers dedupe it.  Backpressure: while the embedder group's lag on ``texts`` exceeds
+consumers dedupe it.  Every text is recorded in the experiment's text store
+(services/core/text_store.py) before it is emitted, so validators can check held-out texts against
+what a model really wrote.  Backpressure: while the embedder group's lag on ``texts`` exceeds
 ``generator.max_embedder_lag`` the consumer pauses its partitions, and resumes below half of it.
 """
 
@@ -13,8 +15,16 @@ from __future__ import annotations
 import time
 from typing import ClassVar
 
-from services.core.events import DecodedText, GenerationFailure, GenerationReport, GenerationRequest, stable_id
+from services.core.events import (
+    DecodedText,
+    GenerationFailure,
+    GenerationReport,
+    GenerationRequest,
+    TextRef,
+    stable_id,
+)
 from services.core.runtime import Incoming, Service, ServiceContext, generator_group_suffix, group_name
+from services.core.text_store import TextStore
 from services.generator.backends import make_backend
 from services.generator.backends.base import DecodingParams, GenerationBackend, GenerationTask
 
@@ -27,8 +37,11 @@ class GeneratorService(Service):
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.backends: dict[str, GenerationBackend] = {}
+        self.redis = None
 
     async def setup(self) -> None:
+        self.redis = self.ctx.redis()
+        self.store = TextStore(self.redis, self.cfg, self.ctx.experiment_id)
         self.roles = sorted(set(self.cfg.generator.roles))
         self.backends = {
             role: make_backend(getattr(self.cfg.models, role), self.cfg.generator, role) for role in self.roles
@@ -105,11 +118,12 @@ class GeneratorService(Service):
         self.m_seconds.labels(*labels).observe(time.perf_counter() - t0)
         self.m_fill.labels(*labels).observe(sum(t.n for t in tasks))
         by_prompt = {t.prompt_id: t for t in tasks}
+        events = []
         for g in result.texts:
             task = by_prompt[g.prompt_id]
             meta = {**task.meta, **g.meta}
             origin = meta.get("exemplar_text_id", "")
-            await self.emit(DecodedText(
+            events.append(DecodedText(
                 experiment_id=req.experiment_id,
                 text_id=stable_id(req.request_id, req.role, g.prompt_id, origin, g.sample_index),
                 request_id=req.request_id, role=req.role,
@@ -119,6 +133,12 @@ class GeneratorService(Service):
                 backend=backend.name, meta=meta,
             ))
             self.m_tokens.labels(*labels).inc(g.n_tokens)
+        # recorded before emitted: a text on the bus is always in the store (a Redis error rewinds
+        # the request like any stateful write; re-serving it rewrites the same ids)
+        await self.store.record(TextRef(text_id=e.text_id, prompt_id=e.prompt_id, role=e.role, text=e.text,
+                                        pair_id=e.pair_id) for e in events)
+        for e in events:
+            await self.emit(e)
         self.m_texts.labels(*labels).inc(len(result.texts))
         self.m_failures.labels(*labels).inc(len(result.failures))
         return len(result.texts), [GenerationFailure(prompt_id=f.prompt_id or "", reason=str(f), exhausted=f.exhausted)
@@ -155,6 +175,8 @@ class GeneratorService(Service):
     async def teardown(self) -> None:
         for b in self.backends.values():
             await b.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 def _unique_prompt_batches(tasks: list[GenerationTask]) -> list[list[GenerationTask]]:

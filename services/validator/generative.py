@@ -37,7 +37,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from services.core.config import Config, ConfigError, LLMConfig, ModelsConfig, TierConfig
 from services.core.events import Hypothesis, TextRef
@@ -86,6 +86,8 @@ def clean_texts(texts: list[str], n: int) -> list[str]:
 
 class GenerativeTier(Tier):
     """Scores LLM-written texts by the intervention/base per-token likelihood ratio."""
+
+    reads_holdout: ClassVar[bool] = False
 
     def __init__(self, cfg: TierConfig, client: LLMClient, base: TransformersBackend,
                  intervention: TransformersBackend) -> None:

@@ -16,7 +16,9 @@ difference" the chance of any validated finding is at most the clusterer's alpha
 and every decision live in Redis, so a re-delivered hypothesis gets the same decision and never
 spends alpha twice.  Every hypothesis, whatever its ``kind``, is decided on its held-out texts: the
 cluster's share test made it a candidate, but a share statement is not a finding (nothing in a
-message can stand in for the held-out test).
+message can stand in for the held-out test).  The held-out texts themselves are taken from the
+generator's text store by id, never from the message (services/validator/trusted.py): unknown ids,
+label ids and label-split ids are dropped and counted, and too few trusted texts is a rejection.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from redis.asyncio import Redis
 from services.core.events import ControlEvent, DeadLetter, Event, Hypothesis, Validation, stable_id
 from services.core.runtime import Incoming, Service, ServiceContext
 from services.core.state import expire_state
+from services.core.text_store import TextStore
 from services.core.topics import escalation_topic
 from services.stats.auc import auc_test
 from services.stats.fdr import LordPlusPlus
@@ -39,8 +42,9 @@ from services.validator.tiers import (
     LLMTier,
     Tier,
     TierScores,
-    split_holdout,
+    split_refs,
 )
+from services.validator.trusted import trusted_holdout
 
 if TYPE_CHECKING:
     from services.core.config import Config, LLMConfig, TierConfig
@@ -120,6 +124,7 @@ class ValidatorService(Service):
         ns, exp, tier = self.cfg.cache.namespace, self.ctx.experiment_id, self.tier_cfg.name
         self.k_lord = f"{ns}:lord:{exp}:{tier}"
         self.k_decided = f"{ns}:decided:{exp}:{tier}"
+        self.store = TextStore(self.redis, self.cfg, exp)
         self.tier = await self._make_tier()
         self.m_dec = self.metrics.counter("validator_decisions_total", "Decisions per tier", ["tier", "decision"])
         self.m_calls = self.metrics.counter("validator_scorer_calls_total", "Scorer calls (LLM calls for LLM tiers)",
@@ -184,8 +189,18 @@ class ValidatorService(Service):
         return v
 
     async def _score(self, h: Hypothesis) -> TierScores:
-        pos, neg = split_holdout(h, self.tier_cfg.max_texts)
-        return await self.tier.score(h, pos, neg)
+        """Scores of the held-out texts the text store vouches for (none looked up for a tier that
+        reads none); with too few of them nothing is scored and nothing spent."""
+        if not self.tier.reads_holdout:
+            return await self.tier.score(h, [], [])
+        trusted = await trusted_holdout(h, self.store, self.cfg)
+        pos, neg = split_refs(trusted.texts, h.direction, self.tier_cfg.max_texts)
+        if min(len(pos), len(neg)) < MIN_PER_SIDE:
+            return TierScores([], [], notes={**trusted.notes(), "too_few_trusted": 1.0,
+                                             "trusted_pos": float(len(pos)), "trusted_neg": float(len(neg))})
+        scores = await self.tier.score(h, pos, neg)
+        scores.notes = {**trusted.notes(), **scores.notes}
+        return scores
 
     def _base(self, h: Hypothesis, **kw: object) -> Validation:
         fields: dict[str, object] = {"tier": self.tier_cfg.name, **kw}  # kw may name another tier
@@ -196,8 +211,8 @@ class ValidatorService(Service):
     def _auc_decision(self, h: Hypothesis, s: TierScores, lord: LordPlusPlus) -> Validation:
         min_auc = self.cfg.validator.min_auc
         band = self.tier_cfg.escalate_band
-        if min(len(s.pos), len(s.neg)) < MIN_PER_SIDE:
-            decision = "escalated" if not self.is_last else "rejected"
+        if min(len(s.pos), len(s.neg)) < MIN_PER_SIDE:  # too few trusted texts: no tier can do better
+            decision = "escalated" if not self.is_last and not s.notes.get("too_few_trusted") else "rejected"
             return self._base(h, decision=decision, auc=0.5, auc_ci=(0.0, 1.0), p_value=1.0, alpha_level=0.0,
                               n_pos=len(s.pos), n_neg=len(s.neg), calls=s.calls, cost_usd=s.cost_usd,
                               effect={**_share_effect(h.cluster_evidence), "too_few_texts": 1.0,

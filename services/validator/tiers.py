@@ -21,6 +21,7 @@ import asyncio
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
@@ -48,13 +49,24 @@ class TierScores:
     notes: dict[str, float] = field(default_factory=dict)
 
 
-def split_holdout(h: Hypothesis, max_per_side: int) -> tuple[list[TextRef], list[TextRef]]:
-    pos = [t for t in h.holdout_texts if t.role == h.direction][:max_per_side]
-    neg = [t for t in h.holdout_texts if t.role != h.direction][:max_per_side]
+def split_refs(refs: list[TextRef], direction: str, max_per_side: int) -> tuple[list[TextRef], list[TextRef]]:
+    """(texts of the described side, texts of the other side), at most ``max_per_side`` each."""
+    pos = [t for t in refs if t.role == direction][:max_per_side]
+    neg = [t for t in refs if t.role != direction][:max_per_side]
     return pos, neg
 
 
+def split_holdout(h: Hypothesis, max_per_side: int) -> tuple[list[TextRef], list[TextRef]]:
+    """The message's own held-out texts split by side: for offline hypothesis sets built from
+    trusted data (benchmarks, null tests).  The service judges only ``trusted_holdout``'s texts."""
+    return split_refs(h.holdout_texts, h.direction, max_per_side)
+
+
 class Tier(ABC):
+    # False for a tier that never reads held-out texts (the generative tier writes its own): the
+    # service then neither looks them up nor requires any
+    reads_holdout: ClassVar[bool] = True
+
     def __init__(self, cfg: TierConfig) -> None:
         self.cfg = cfg
 
