@@ -1,18 +1,25 @@
 """Running a service in a test without its consume loop: a context whose Kafka is never reached
-(real Redis), a validator that collects what it would produce, and setup/teardown around a block."""
+(real Redis), a validator that collects what it would produce, and setup/teardown around a block;
+texts recorded in the text store the way the generator records them, with ids on a chosen side of
+the clusterer's label/held-out split."""
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import redis.asyncio as aioredis
+
+from services.clusterer.arrivals import is_label_split
 from services.core.bus import Topics, make_consumer
 from services.core.config import Config
-from services.core.events import Event
+from services.core.events import Event, TextRef, stable_id
 from services.core.metrics import Metrics
 from services.core.runtime import Service, ServiceContext
+from services.core.text_store import TextStore
 from services.validator.service import ValidatorService
 
 S = TypeVar("S", bound=Service)
@@ -60,3 +67,21 @@ async def read_records(cfg: Config, bootstrap: str, logical: str, want: int, tim
     finally:
         await cons.stop()
     return out
+
+
+def split_id(*parts: object, label: bool = False, label_fraction: float = 0.3) -> str:
+    """A stable id from ``parts`` on the label (or held-out) side of the clusterer's split."""
+    for k in itertools.count():
+        tid = stable_id(*parts, k)
+        if is_label_split(tid, label_fraction) == label:
+            return tid
+    raise AssertionError("unreachable")
+
+
+async def store_texts(cfg: Config, redis_url: str, refs: Iterable[TextRef]) -> None:
+    """Record texts in ``cfg``'s experiment's text store, as the generator does for what it generates."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await TextStore(client, cfg, cfg.experiment_id).record(refs)
+    finally:
+        await client.aclose()

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from llm_fake_server import FakeLLMServer, Reply, Seen
+from service_helpers import split_id, store_texts
 
 from bench.experiments import sim_config
 from services.core.events import Hypothesis, TextRef, Validation, stable_id
@@ -35,7 +36,7 @@ GARBLED = "gibberish"  # texts for which the fake LLM answers without any number
 
 
 def refs(texts: list[str], role: str, tag: str) -> list[TextRef]:
-    return [TextRef(text_id=stable_id(tag, role, i), prompt_id="p", role=role, text=t)  # type: ignore[arg-type]
+    return [TextRef(text_id=split_id(tag, role, i), prompt_id="p", role=role, text=t)  # type: ignore[arg-type]
             for i, t in enumerate(texts)]
 
 
@@ -91,6 +92,7 @@ async def test_only_borderline_hypotheses_escalate_and_reach_the_llm(server: Fak
         {"name": "keyword", "kind": "keyword"}, {"name": "embedding", "kind": "embedding"},
         {"name": "llm", "kind": "llm", "llm": llm}]})
     hyps = {name: h.model_copy(update={"experiment_id": cfg.experiment_id}) for name, h in make_hypotheses().items()}
+    await store_texts(cfg, redis_url, [t for h in hyps.values() for t in h.holdout_texts])  # as if generated
     run = await run_memory_pipeline(cfg, redis_url, only=["validator"], inputs=list(hyps.values()))
     assert run.bus is not None
     validations = [Validation.from_bytes(r.value) for r in run.bus.records(run.bus.topics.name(Validation.topic))]

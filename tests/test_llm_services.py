@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 from llm_fake_server import FakeLLMServer, Reply, Seen, Status
-from service_helpers import CapturingValidator, offline_context, running
+from service_helpers import CapturingValidator, offline_context, running, split_id, store_texts
 
 from services.core.config import Config, ConfigError, load_config
-from services.core.events import CandidateCluster, Event, Hypothesis, TextRef, Validation, stable_id
+from services.core.events import CandidateCluster, Event, Hypothesis, TextRef, Validation
 from services.core.runtime import Incoming
 from services.hypothesizer.service import HypothesizerService
 
@@ -59,7 +59,8 @@ def config(unique: str, exp: str, budget_usd: float = 1.0, **sections: Any) -> C
 
 
 def refs(texts: list[str], role: str, tag: str) -> list[TextRef]:
-    return [TextRef(text_id=stable_id(tag, role, i), prompt_id=f"p{i}", role=role, text=f"{t} {tag} {i}")  # type: ignore[arg-type]
+    return [TextRef(text_id=split_id(tag, role, i, label=tag == "label"), prompt_id=f"p{i}", role=role,  # type: ignore[arg-type]
+                    text=f"{t} {tag} {i}")
             for i, t in enumerate(texts)]
 
 
@@ -157,6 +158,7 @@ async def rater(api_key: str) -> AsyncIterator[FakeLLMServer]:
 
 
 async def validate(cfg: Config, redis_url: str, h: Hypothesis, times: int = 1) -> list[Event]:
+    await store_texts(cfg, redis_url, h.holdout_texts)  # as the generator recorded them
     svc = CapturingValidator(offline_context(cfg, redis_url))
     async with running(svc):
         for _ in range(times):
