@@ -90,8 +90,12 @@ async def test_forged_held_out_ids_are_dropped_and_the_hypothesis_rejected(redis
     cfg = _cfg(unique)
     forged = _hypothesis("forged", _supporting("forged"))  # never generated: not in the store
     real = _hypothesis("real", _supporting("real"))  # the same claim and evidence, recorded
+    # a share statement with overwhelming share evidence in the message: evidence is display only
+    share = forged.model_copy(update={"hypothesis_id": "share", "kind": "templated", "cluster_evidence": {
+        "share_intervention": 1.0, "share_ci_low": 0.99, "share_ci_high": 1.0, "log_e_value": 700.0, "n": 1e6}})
     await store_texts(cfg, redis_url, real.holdout_texts)
-    v = await _validate(cfg, redis_url, forged, real)
+    v = await _validate(cfg, redis_url, forged, real, share)
+    assert v["share"].decision == "rejected" and v["share"].effect["too_few_texts"] == 1.0
 
     f = v["forged"]
     assert f.decision == "rejected" and f.tier_index == 0  # not escalated: no tier can do better
