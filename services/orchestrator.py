@@ -34,8 +34,9 @@ from services.core.memory_bus import MemoryBus, Observer
 from services.core.metrics import Metrics
 from services.core.progress import PlainProgress
 from services.core.progress import snapshot as progress_snapshot
+from services.core.registry import SERVICES, UnknownExtension
 from services.core.resources import Resources
-from services.core.runtime import InfrastructureLost, Service, ServiceContext, plugin_registry
+from services.core.runtime import InfrastructureLost, Service, ServiceContext
 from services.core.topics import Topics
 from services.core.topology import Topology
 
@@ -303,14 +304,19 @@ async def run_memory_pipeline(cfg: Config, redis_url: str, *, until: Callable[[]
 
 
 def service_factory(name: str) -> type[Service]:
-    builtin = {cls.name: cls for cls in pipeline_classes()}
-    plugins = plugin_registry()
-    if name in plugins:
-        return plugins[name].load()
-    if name in builtin:
-        return builtin[name]
-    known = sorted(set(builtin) | set(plugins))
-    raise SystemExit(f"unknown service {name!r}; known: {', '.join(known)}")
+    """The service class ``name`` stands for: a built-in, an ``autointerv.services`` entry point, or
+    a ``module:obj`` reference (``autointerv service --app``); SystemExit saying why otherwise."""
+    if ":" not in name and SERVICES.target(name) is None:
+        raise SystemExit(f"unknown service {name!r}; known: {', '.join(SERVICES.names())} "
+                         "(or --app module:obj for one that is not packaged)")
+    try:
+        cls = SERVICES.load(name)
+    except UnknownExtension as exc:
+        raise SystemExit(str(exc)) from None
+    if not (isinstance(cls, type) and issubclass(cls, Service)):
+        raise SystemExit(f"service {name!r} is {cls!r}, not a Service class (services.sdk.consumer makes one "
+                         "from a function)")
+    return cls
 
 
 async def run_single_async(cfg: Config, ep: Endpoints, name: str, tier: str | None = None) -> None:
