@@ -322,7 +322,6 @@ def service_factory(name: str) -> type[Service]:
 async def run_single_async(cfg: Config, ep: Endpoints, name: str, tier: str | None = None) -> None:
     bus = KafkaBus(cfg.bus, ep.bootstrap, Topics(cfg.bus.topic_prefix))
     ctx = make_context(cfg, bus, ep.redis_url)
-    await bus.ensure_topics(topic_names(cfg))
     factory = service_factory(name)
     if name == "validator":
         names = [t.name for t in cfg.validator.tiers]
@@ -331,6 +330,9 @@ async def run_single_async(cfg: Config, ep: Endpoints, name: str, tier: str | No
         svc: Service = factory(ctx, tier_index=names.index(tier) if tier else 0)  # type: ignore[call-arg]
     else:
         svc = factory(ctx)
+    # the pipeline's topics, and a plug-in's own (an alerts topic no built-in service declares)
+    await bus.ensure_topics(dict.fromkeys([*topic_names(cfg), *(ctx.topics.name(t) for t in
+                                                              [*svc.inputs(), *svc.outputs()])]))
     svc.exit_when_finished = True  # a process started for this run ends with it (ControlEvent "finished")
     served = await serve_endpoints(cfg, ep.redis_url, ctx.metrics, lambda: [svc.health], service=svc.display_name)
     _install_signals(svc.stop)
