@@ -26,7 +26,17 @@ ROLES: tuple[Role, Role] = ("base", "intervention")
 
 
 def stable_id(*parts: object) -> str:
-    """Deterministic 128-bit id from parts; stable across processes (unlike ``hash()``)."""
+    """Deterministic 128-bit id from parts; stable across processes (unlike ``hash()``), so a
+    redelivered record gets the same id and consumers dedupe it.  Parts are compared as strings,
+    with a separator between them:
+
+    >>> stable_id("exp", 3, "base")
+    '5d37cba0b787ba38fd45445ddc3a1451'
+    >>> stable_id("exp", 3, "base") == stable_id("exp", "3", "base")
+    True
+    >>> stable_id("a", "bc") == stable_id("ab", "c")
+    False
+    """
     h = hashlib.blake2b(digest_size=16)
     for p in parts:
         h.update(str(p).encode())
