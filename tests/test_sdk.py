@@ -48,6 +48,7 @@ async def test_a_decorated_handler_is_a_full_service(kafka_bootstrap, redis_url,
         await asyncio.sleep(0.1)
     svc.stop()
     await task
+    await svc.ctx.bus.close()  # its lag probe's consumer, opened if a lag check ran
     assert set(seen) >= {f"t{i}" for i in range(10)}
     assert svc.metrics.value("dead_letters_total", service="upper", topic="texts") == 1
 
