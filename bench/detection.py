@@ -49,7 +49,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.clusterer.state import ClusterState
-from services.core.config import ClustererConfig, EmbedderConfig, GeneratorConfig, ModelConfig
+from services.core.config import ClustererConfig, EmbedderConfig, GeneratorConfig, SimModelConfig
 from services.core.events import CandidateCluster, stable_id
 from services.generator.backends.base import DecodingParams, GenerationTask
 from services.generator.backends.sim import SimBackend, _prompt_table
@@ -129,7 +129,7 @@ class Pair:
 
 def sim_pairs(per_prompt: int, seed: int = 0) -> tuple[list[Pair], np.ndarray]:
     """per_prompt samples per sim prompt and role (the default behaviours), embedded."""
-    model = ModelConfig()
+    model = SimModelConfig()
     gen = GeneratorConfig(seed=seed)
     tasks = [GenerationTask(p.prompt_id, p.text, per_prompt, DecodingParams(), seed=0) for p in _prompt_table(40)]
     out = {}

@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.core.config import GeneratorConfig, ModelConfig
+from services.core.config import GeneratorConfig, TransformersModelConfig
 from services.generator.backends.base import DecodingParams, GenerationTask
 from services.generator.backends.transformers_backend import (
     TransformersBackend,
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_path = args.model or str(build_tiny_random_lm(Path(tmp) / "tiny", layers=args.layers,
                                                             hidden=args.hidden))
-        cfg = ModelConfig(backend="transformers", model=model_path, device=args.device, dtype=args.dtype)
+        cfg = TransformersModelConfig(model=model_path, device=args.device, dtype=args.dtype)
         backend = TransformersBackend(cfg, GeneratorConfig(), "base")
         backend.load()
         d = DecodingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,17 @@ from rich.console import Console
 if TYPE_CHECKING:
     from services.core.infra import Endpoints
 
-from services.core.config import Config, ConfigError, ModelConfig, load_config, mask_url, parse_value, set_path
+from services.core.config import (
+    BackendConfig,
+    Config,
+    ConfigError,
+    ReplayModelConfig,
+    SimModelConfig,
+    load_config,
+    mask_url,
+    parse_value,
+    set_path,
+)
 
 DEFAULT_CONFIG = "examples/demo.yaml"  # of the working directory, else the packaged copy
 
@@ -42,11 +53,11 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(_config_path(args), overrides=_overrides(args.set or []))
 
 
-def model_label(m: ModelConfig) -> str:
+def model_label(m: BackendConfig) -> str:
     """What a role runs, for the run header: ``sim``, ``replay:<file> [<model name>]``, ``vllm:<model>``."""
-    if m.backend == "sim":
+    if isinstance(m, SimModelConfig):
         return "sim (identical to base)" if m.sim.identical else "sim"
-    if m.backend == "replay":
+    if isinstance(m, ReplayModelConfig):
         name = f" [{m.replay_model_name}]" if m.replay_model_name else ""
         return f"replay:{m.path or m.model or '?'}{name}"
     return f"{m.backend}:{m.model or '?'}"
@@ -110,8 +121,23 @@ def cmd_service(args: argparse.Namespace, console: Console) -> int:
         from services.core.checks import warn_about_redis
 
         asyncio.run(warn_about_redis(cfg.cache.url))  # logged: a service's stderr is its log
-    run_single(cfg, args.name, args.tier)
+    run_single(cfg, _service_name(args), args.tier)
     return 0
+
+
+def _service_name(args: argparse.Namespace) -> str:
+    """NAME, or ``--app module:obj`` (a Service class or a ``services.sdk.consumer``), importable from
+    the working directory like any script's modules: no packaging, no entry point."""
+    if bool(args.name) == bool(args.app):
+        raise SystemExit("give a service NAME or --app module:obj, not both or neither")
+    if not args.name:
+        module, sep, attr = args.app.partition(":")
+        if not (sep and module and attr):
+            raise SystemExit(f"--app {args.app!r}: expected module:obj, e.g. examples.plugin_example:ValidatedCounter")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return args.app
+    return args.name
 
 
 def _attach(args: argparse.Namespace) -> Config:
@@ -218,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("run", help="run the whole pipeline for one experiment")).set_defaults(func=cmd_run)
     sp = with_config(sub.add_parser("service", help="run one service (or plug-in) of an experiment"))
-    sp.add_argument("name")
+    sp.add_argument("name", nargs="?", help="a built-in service or an autointerv.services entry point")
+    sp.add_argument("--app", metavar="MODULE:OBJ", help="run a consumer that is not packaged, e.g. "
+                                                          "examples.plugin_example:ValidatedCounter")
     sp.add_argument("--tier", help="validator tier name (validator only; default: the first)")
     sp.set_defaults(func=cmd_service)
     sp = with_config(sub.add_parser("status", help="endpoints of an experiment, end offsets per topic, lag per "

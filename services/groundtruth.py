@@ -41,7 +41,14 @@ from typing import Literal
 
 import numpy as np
 
-from services.core.config import Config, EmbedderConfig, GroundTruthConfig, LLMConfig, PlantedBehaviour
+from services.core.config import (
+    Config,
+    EmbedderConfig,
+    GroundTruthConfig,
+    LLMConfig,
+    PlantedBehaviour,
+    SimModelConfig,
+)
 from services.core.events import CandidateCluster, Hypothesis
 from services.embedder.encoder import Encoder
 from services.llm.client import LLMClient
@@ -112,7 +119,7 @@ def planted_behaviours(cfg: Config, kinds: Collection[str] = ("mode",)) -> list[
     model's.  The default is the mode path's truth (clusters); pass ``("mode", "style")`` for all."""
     if cfg.ground_truth.behaviours:
         return [b for b in cfg.ground_truth.behaviours if b.kind in kinds]
-    if cfg.models.intervention.backend != "sim":
+    if not isinstance(cfg.models.intervention, SimModelConfig):
         return []
     from services.generator.backends.sim import behaviours_for
 

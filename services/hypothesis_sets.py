@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from services.core.config import GeneratorConfig, ModelConfig, SimConfig
+from services.core.config import GeneratorConfig, SimConfig, SimModelConfig
 from services.core.events import Hypothesis, TextRef, stable_id
 from services.embedder.encoder import Encoder
 from services.generator.backends.base import DecodingParams, GenerationTask
@@ -116,7 +116,7 @@ async def sim_pairs(seed: int, samples_per_prompt: int, *, identical: bool = Fal
     tasks = [GenerationTask(p.prompt_id, p.text, samples_per_prompt, DecodingParams(), seed=seed) for p in prompts]
     out: dict[str, dict[str, object]] = defaultdict(dict)
     for role in ("base", "intervention"):
-        backend = SimBackend(ModelConfig(backend="sim", sim=sim), GeneratorConfig(seed=seed), role)
+        backend = SimBackend(SimModelConfig(sim=sim), GeneratorConfig(seed=seed), role)
         for g in (await backend.generate(tasks)).texts:
             pid = stable_id("pair", seed, identical, g.prompt_id, g.sample_index)
             ref = TextRef(text_id=stable_id(pid, role), prompt_id=g.prompt_id, role=role, text=g.text)  # type: ignore[arg-type]

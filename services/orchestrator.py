@@ -34,8 +34,9 @@ from services.core.memory_bus import MemoryBus, Observer
 from services.core.metrics import Metrics
 from services.core.progress import PlainProgress
 from services.core.progress import snapshot as progress_snapshot
+from services.core.registry import SERVICES, UnknownExtension
 from services.core.resources import Resources
-from services.core.runtime import InfrastructureLost, Service, ServiceContext, plugin_registry
+from services.core.runtime import InfrastructureLost, Service, ServiceContext
 from services.core.topics import Topics
 from services.core.topology import Topology
 
@@ -303,20 +304,24 @@ async def run_memory_pipeline(cfg: Config, redis_url: str, *, until: Callable[[]
 
 
 def service_factory(name: str) -> type[Service]:
-    builtin = {cls.name: cls for cls in pipeline_classes()}
-    plugins = plugin_registry()
-    if name in plugins:
-        return plugins[name].load()
-    if name in builtin:
-        return builtin[name]
-    known = sorted(set(builtin) | set(plugins))
-    raise SystemExit(f"unknown service {name!r}; known: {', '.join(known)}")
+    """The service class ``name`` stands for: a built-in, an ``autointerv.services`` entry point, or
+    a ``module:obj`` reference (``autointerv service --app``); SystemExit saying why otherwise."""
+    if ":" not in name and SERVICES.target(name) is None:
+        raise SystemExit(f"unknown service {name!r}; known: {', '.join(SERVICES.names())} "
+                         "(or --app module:obj for one that is not packaged)")
+    try:
+        cls = SERVICES.load(name)
+    except UnknownExtension as exc:
+        raise SystemExit(str(exc)) from None
+    if not (isinstance(cls, type) and issubclass(cls, Service)):
+        raise SystemExit(f"service {name!r} is {cls!r}, not a Service class (services.sdk.consumer makes one "
+                         "from a function)")
+    return cls
 
 
 async def run_single_async(cfg: Config, ep: Endpoints, name: str, tier: str | None = None) -> None:
     bus = KafkaBus(cfg.bus, ep.bootstrap, Topics(cfg.bus.topic_prefix))
     ctx = make_context(cfg, bus, ep.redis_url)
-    await bus.ensure_topics(topic_names(cfg))
     factory = service_factory(name)
     if name == "validator":
         names = [t.name for t in cfg.validator.tiers]
@@ -325,6 +330,9 @@ async def run_single_async(cfg: Config, ep: Endpoints, name: str, tier: str | No
         svc: Service = factory(ctx, tier_index=names.index(tier) if tier else 0)  # type: ignore[call-arg]
     else:
         svc = factory(ctx)
+    # the pipeline's topics, and a plug-in's own (an alerts topic no built-in service declares)
+    await bus.ensure_topics(dict.fromkeys([*topic_names(cfg), *(ctx.topics.name(t) for t in
+                                                              [*svc.inputs(), *svc.outputs()])]))
     svc.exit_when_finished = True  # a process started for this run ends with it (ControlEvent "finished")
     served = await serve_endpoints(cfg, ep.redis_url, ctx.metrics, lambda: [svc.health], service=svc.display_name)
     _install_signals(svc.stop)

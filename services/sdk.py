@@ -8,11 +8,14 @@
         if event.decision == "validated":
             svc.log.info("validated", extra={"hypothesis": event.hypothesis_id})
 
-Register it under the ``autointerv.services`` entry-point group of your package
-(``notifier = "my_pkg.module:notify"``) and ``autointerv service notifier --config ...`` joins a
-running experiment: its own consumer group, the runtime's commit-after-processing, dead letters,
+Run it as it is with ``autointerv service --app my_module:notify --config ...``, or register it
+under the ``autointerv.services`` entry-point group of your package (``notifier =
+"my_pkg.module:notify"``) and ``autointerv service notifier --config ...``: either joins a
+running experiment with its own consumer group, the runtime's commit-after-processing, dead letters,
 metrics and health, like every built-in service.  Return events from the handler (or call
-``await svc.emit(event)``) to publish them.
+``await svc.emit(event)``) to publish them, and name their types in ``produces=``.  Effects must be
+idempotent by event id (a batch is redelivered after a crash): ``services.core.contract.check_service``
+checks that, and the rest of the contract, on the in-memory bus (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from services.core.runtime import Incoming, Service
 Handler = Callable[[Service, Any], Awaitable[Event | Iterable[Event] | None]]
 
 
-def consumer(name: str, *event_types: type[Event]) -> Callable[[Handler], type[Service]]:
-    """Turn ``async def handler(svc, event)`` into a Service subclass consuming ``event_types``."""
+def consumer(name: str, *event_types: type[Event], produces: Iterable[type[Event]] = ()
+             ) -> Callable[[Handler], type[Service]]:
+    """Turn ``async def handler(svc, event)`` into a Service subclass consuming ``event_types`` and
+    publishing ``produces`` (declared, so the topology and ``autointerv schemas`` know its topics)."""
     if not event_types:
         raise ValueError("a consumer needs at least one event type to consume")
+    outputs = tuple(produces)
 
     def wrap(handler: Handler) -> type[Service]:
         async def handle(self: Service, batch: list[Incoming]) -> None:
@@ -39,7 +45,8 @@ def consumer(name: str, *event_types: type[Event]) -> Callable[[Handler], type[S
                     await self.emit(ev)
 
         cls = type(f"Plugin_{name.replace('-', '_')}", (Service,), {
-            "name": name, "consumes": tuple(event_types), "handle": handle, "__doc__": handler.__doc__,
+            "name": name, "consumes": tuple(event_types), "produces": outputs, "handle": handle,
+            "__doc__": handler.__doc__, "__module__": handler.__module__,
         })
         return cls
 

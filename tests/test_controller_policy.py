@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 
 from services.controller.policy import Plan, SamplingPolicy
-from services.core.config import ControllerConfig, EmbedderConfig, GeneratorConfig, ModelConfig, PromptsConfig
+from services.core.config import ControllerConfig, EmbedderConfig, GeneratorConfig, PromptsConfig, SimModelConfig
 from services.core.events import TextRef, UncertaintyEvent
 from services.embedder.hashing import HashingEncoder
 from services.generator.backends.base import DecodingParams, GenerationTask
@@ -21,7 +21,7 @@ def _run(strategy: str, seed: int) -> tuple[int, int]:
     cfg = ControllerConfig(strategy=strategy, initial_texts=2000, round_texts=1000, max_texts=6000,
                            min_budget_fraction=1.0)
     policy = SamplingPolicy(cfg, sim_prompts(PromptsConfig()), seed=seed)
-    backends = {r: SimBackend(ModelConfig(), GeneratorConfig(seed=seed), r) for r in ("base", "intervention")}
+    backends = {r: SimBackend(SimModelConfig(), GeneratorConfig(seed=seed), r) for r in ("base", "intervention")}
     enc = HashingEncoder(EmbedderConfig())
     total = planted = 0
 

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from retry_cases import JITTER_S, RETRY_AFTER_CASES, RetryAfterCase
 
-from services.core.config import GeneratorConfig, ModelConfig
+from services.core.config import GeneratorConfig, OpenAIModelConfig, TransformersModelConfig, VLLMModelConfig
 from services.generator.backends.base import DecodingParams, GenerationTask
 from services.generator.backends.openai_backend import OpenAIBackend, split_tokens
 from services.generator.backends.transformers_backend import TransformersBackend, build_tiny_random_lm
@@ -39,7 +39,7 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def hf(path: Path, batch_size: int = 4, **model_kw: Any) -> TransformersBackend:
-    cfg = ModelConfig(backend="transformers", model=str(path), device="cpu", **model_kw)
+    cfg = TransformersModelConfig(model=str(path), device="cpu", **model_kw)
     return TransformersBackend(cfg, GeneratorConfig(batch_size=batch_size), "base")
 
 
@@ -153,7 +153,7 @@ def test_hf_quantization_without_bitsandbytes_names_extra(tiny_lm: Path) -> None
 def test_vllm_missing_names_extra() -> None:
     from services.generator.backends import make_backend
 
-    cfg = ModelConfig(backend="vllm", model="some/model")
+    cfg = VLLMModelConfig(model="some/model")
     with pytest.raises(RuntimeError, match=r"pip install 'autointerv\[vllm\]'"):
         make_backend(cfg, GeneratorConfig(), "base")
 
@@ -251,7 +251,7 @@ class SleepRecorder:
 
 def oai(srv: FakeServer, sleeper: SleepRecorder | None = None, **kw: Any) -> OpenAIBackend:
     logprobs = kw.pop("logprobs", False)
-    cfg = ModelConfig(backend="openai", model="served-model", base_url=srv.url, **kw)
+    cfg = OpenAIModelConfig(model="served-model", base_url=srv.url, **kw)
     return OpenAIBackend(cfg, GeneratorConfig(), "intervention", logprobs=logprobs,
                          backoff_base_s=0.01, sleep=sleeper or SleepRecorder())
 
@@ -307,7 +307,7 @@ async def test_openai_retry_after_cases_of_the_shared_policy(server_factory: Cal
     """The same cases as the LLM client's test: one failure, one wait, then the texts."""
     srv = await server_factory(("status", case.status, case.headers()), ("ok",))
     sleeper = SleepRecorder()
-    cfg = ModelConfig(backend="openai", model="served-model", base_url=srv.url)
+    cfg = OpenAIModelConfig(model="served-model", base_url=srv.url)
     b = OpenAIBackend(cfg, GeneratorConfig(), "intervention", backoff_base_s=JITTER_S, backoff_cap_s=JITTER_S,
                       sleep=sleeper)
     res = await b.generate([task("p", "x", 2)])

@@ -22,7 +22,14 @@ from llm_fake_server import FakeLLMServer, Reply, Seen
 from service_helpers import CapturingValidator, offline_context, running
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.core.config import Config, ConfigError, LLMConfig, TierConfig, load_config
+from services.core.config import (
+    BUILTIN_BACKEND_CONFIGS,
+    Config,
+    ConfigError,
+    GenerativeTierConfig,
+    LLMConfig,
+    load_config,
+)
 from services.core.events import Hypothesis, Validation
 from services.core.runtime import Incoming
 from services.generator.backends.transformers_backend import build_tiny_random_lm
@@ -262,8 +269,8 @@ async def test_models_that_are_not_local_fail_at_start_up(tiny_models: dict[str,
                                                           redis_url: str, unique: str, base: str,
                                                           intervention: str, named: list[str]) -> None:
     cfg = config(tiny_models, server, unique)
-    cfg.models.base.backend = base  # type: ignore[assignment]
-    cfg.models.intervention.backend = intervention  # type: ignore[assignment]
+    cfg.models.base = BUILTIN_BACKEND_CONFIGS[base](model=cfg.models.base.model)
+    cfg.models.intervention = BUILTIN_BACKEND_CONFIGS[intervention](model=cfg.models.intervention.model)
     svc = service(cfg, redis_url)
     with pytest.raises(ConfigError) as err:
         async with running(svc):
@@ -275,6 +282,6 @@ async def test_models_that_are_not_local_fail_at_start_up(tiny_models: dict[str,
 
 def test_tier_config_bounds_the_number_of_texts() -> None:
     llm = LLMConfig()
-    assert TierConfig(name="g", kind="generative", llm=llm).generative_texts == N  # the default
+    assert GenerativeTierConfig(name="g", llm=llm).generative_texts == N  # the default
     with pytest.raises(ValueError, match="generative_texts"):
-        TierConfig(name="g", kind="generative", llm=llm, generative_texts=2)  # under MIN_PER_SIDE
+        GenerativeTierConfig(name="g", llm=llm, generative_texts=2)  # under MIN_PER_SIDE

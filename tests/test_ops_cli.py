@@ -18,7 +18,7 @@ from rich.console import Console
 
 from services.cli import main, model_label
 from services.core.bus import PartitionLag, Topics, ensure_topics
-from services.core.config import Config, ModelConfig, load_config
+from services.core.config import Config, ReplayModelConfig, SimModelConfig, VLLMModelConfig, load_config
 from services.core.endpoints import Endpoint
 from services.monitor.status import (
     GroupStatus,
@@ -132,10 +132,10 @@ def test_init_writes_a_commented_config_that_loads_with_the_defaults(tmp_path, c
 
 
 def test_run_header_names_the_replay_file_not_sim():
-    assert model_label(ModelConfig(backend="replay", path="/data/pairs.parquet", replay_model_name="lora-7b")) \
+    assert model_label(ReplayModelConfig(path="/data/pairs.parquet", replay_model_name="lora-7b")) \
         == "replay:/data/pairs.parquet [lora-7b]"
-    assert model_label(ModelConfig(backend="vllm", model="meta/llama")) == "vllm:meta/llama"
-    assert model_label(ModelConfig()) == "sim"
+    assert model_label(VLLMModelConfig(model="meta/llama")) == "vllm:meta/llama"
+    assert model_label(SimModelConfig()) == "sim"
 
 
 async def _produce(bootstrap: str, topic: str, events: list[dict]) -> None:

@@ -8,7 +8,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from services.core.config import GeneratorConfig, ModelConfig, PromptsConfig
+from services.core.config import GeneratorConfig, PromptsConfig, ReplayModelConfig
 from services.core.events import stable_id
 from services.generator.backends.base import DecodingParams, GenerationTask
 from services.generator.backends.replay import (
@@ -51,7 +51,7 @@ def t(prompt_id: str, prompt: str, n: int) -> GenerationTask:
 
 
 def replay(path: Path, role: str = "base", cycle: bool = False, name: str | None = None) -> ReplayBackend:
-    cfg = ModelConfig(backend="replay", path=str(path), replay_model_name=name)
+    cfg = ReplayModelConfig(path=str(path), replay_model_name=name)
     return ReplayBackend(cfg, GeneratorConfig(), role, cycle=cycle)
 
 

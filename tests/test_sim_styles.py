@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.core.config import Config, GeneratorConfig, ModelConfig, PromptsConfig, SimConfig
+from services.core.config import Config, GeneratorConfig, PromptsConfig, SimConfig, SimModelConfig
 from services.generator.backends.base import DecodingParams, GenerationTask
 from services.generator.backends.sim import DEFAULT_STYLES, SimBackend, behaviours_for, sim_prompts
 from services.groundtruth import planted_behaviours
@@ -13,7 +13,7 @@ from services.groundtruth import planted_behaviours
 
 def generate(role: str, sim: SimConfig, seed: int = 0, n: int = 3) -> list:
     tasks = [GenerationTask(p.prompt_id, p.text, n, DecodingParams(), seed=seed) for p in sim_prompts(PromptsConfig())]
-    return asyncio.run(SimBackend(ModelConfig(sim=sim), GeneratorConfig(seed=seed), role).generate(tasks)).texts
+    return asyncio.run(SimBackend(SimModelConfig(sim=sim), GeneratorConfig(seed=seed), role).generate(tasks)).texts
 
 
 def test_styles_appear_at_their_rates_on_the_intervention_only() -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from llm_fake_server import FakeLLMServer, Reply, Seen, Status
 
-from services.core.config import LLMConfig, TierConfig
+from services.core.config import LLMConfig, LLMTierConfig
 from services.core.events import Hypothesis, TextRef
 from services.llm import InProcessBudget, make_llm_client
 from services.llm.client import REASK_SUFFIX
@@ -57,7 +57,7 @@ def make_rater() -> Callable[[Seen], Reply | Status]:
 
 async def test_llm_tier_counts_every_call_it_sent() -> None:
     async with FakeLLMServer("openai", make_rater()) as srv:
-        tier = LLMTier(TierConfig(name="llm", kind="llm", llm=llm_cfg(srv)), make_llm_client(llm_cfg(srv)))
+        tier = LLMTier(LLMTierConfig(name="llm", llm=llm_cfg(srv)), make_llm_client(llm_cfg(srv)))
         try:
             s = await tier.score(H, POS, NEG)
         finally:
@@ -71,7 +71,7 @@ async def test_llm_tier_counts_every_call_it_sent() -> None:
 
 async def test_llm_tier_failed_calls_are_calls() -> None:
     async with FakeLLMServer("openai", [Status(400)]) as srv:
-        tier = LLMTier(TierConfig(name="llm", kind="llm", llm=llm_cfg(srv)), make_llm_client(llm_cfg(srv)))
+        tier = LLMTier(LLMTierConfig(name="llm", llm=llm_cfg(srv)), make_llm_client(llm_cfg(srv)))
         try:
             s = await tier.score(H, POS, NEG)
         finally:
@@ -84,7 +84,7 @@ async def test_llm_tier_failed_calls_are_calls() -> None:
 async def test_llm_tier_budget_refusals_are_not_calls() -> None:
     async with FakeLLMServer("openai", make_rater()) as srv:
         budget = InProcessBudget(limit_usd=0.01)  # below one call's worst case: every call is refused
-        tier = LLMTier(TierConfig(name="llm", kind="llm", llm=llm_cfg(srv)),
+        tier = LLMTier(LLMTierConfig(name="llm", llm=llm_cfg(srv)),
                        make_llm_client(llm_cfg(srv), budget=budget))
         try:
             s = await tier.score(H, POS, NEG)

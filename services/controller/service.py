@@ -40,6 +40,7 @@ from services.controller.policy import (
     plan_to_dict,
     rerun_seed_key,
 )
+from services.core.config import sim_settings
 from services.core.decision import rank, supersedes
 from services.core.events import (
     CandidateCluster,
@@ -120,7 +121,7 @@ class ControllerService(Service):
     async def setup(self) -> None:
         self.redis = self.ctx.redis()
         self.k_state = f"{self.cfg.cache.namespace}:controller:{self.ctx.experiment_id}"
-        prompts = load_prompts(self.cfg.prompts, self.cfg.models.intervention.sim)
+        prompts = load_prompts(self.cfg.prompts, sim_settings(self.cfg.models.intervention))
         from services.generator.backends.replay import pair_inventory
 
         inventory = pair_inventory({"base": self.cfg.models.base, "intervention": self.cfg.models.intervention})

@@ -76,9 +76,3 @@ class ServiceContext:
         return aioredis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=2,
                                        health_check_interval=10)
 
-
-def plugin_registry() -> dict[str, Any]:
-    """Services discovered through the ``autointerv.services`` entry-point group."""
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep for ep in entry_points(group="autointerv.services")}

@@ -40,7 +40,6 @@ from services.core.context import (  # re-exported: plug-ins import them from he
     ServiceContext,
     generator_group_suffix,
     group_name,
-    plugin_registry,
 )
 from services.core.events import ControlEvent, DeadLetter, Event
 from services.core.faults import (  # re-exported: services import them from here
@@ -57,7 +56,7 @@ from services.core.metrics import Health
 
 __all__ = ["INFRASTRUCTURE_ERRORS", "REDIS_ERRORS", "DeadLetterError", "Incoming", "InfrastructureError",
            "InfrastructureLost", "Service", "ServiceContext", "bounded", "generator_group_suffix", "group_name",
-           "plugin_registry"]
+           ]
 
 log = logging.getLogger("autointerv.runtime")
 

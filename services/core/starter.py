@@ -12,9 +12,11 @@ from __future__ import annotations
 import ast
 import inspect
 import io
+import pkgutil
 import textwrap
 import tokenize
 from functools import cache
+from importlib import import_module
 from typing import Any, Literal, get_args, get_origin
 
 import orjson
@@ -22,8 +24,9 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from services.core import config as config_module
-from services.core.config import Config
+from services.core import config as config_package
+from services.core.config import BackendConfig, Config
+from services.core.registry import BACKENDS
 
 HEADER = """\
 # autointerv experiment config, written by `autointerv init`.
@@ -69,16 +72,17 @@ KNOB_HELP: dict[str, str] = {
     "CacheConfig.vector_dtype": "cached vectors are stored at this precision (float16 halves memory)",
     "CacheConfig.enabled": "false: embed every text, never read or write cached vectors",
     "ObservabilityConfig.log_level": "level of the JSON log file in the run directory",
-    "ModelConfig.backend": "sim: built-in simulated pair; replay: texts from a file; transformers/vllm: "
-                           "local weights; openai: any OpenAI-compatible server",
-    "ModelConfig.dtype": "transformers/vllm weight precision",
-    "ModelConfig.quantization": "transformers: load weights in 4 or 8 bits (bitsandbytes, GPU)",
-    "ModelConfig.chat_template": "wrap prompts in the model's chat template",
-    "ModelConfig.trust_remote_code": "allow model repos to run their own code (only for weights you trust)",
-    "ModelConfig.api_mode": "openai: the /completions or /chat/completions endpoint",
-    "ModelConfig.max_concurrency": "openai: requests in flight at once",
-    "ModelConfig.timeout_s": "openai: seconds per request before it is retried",
-    "ModelConfig.max_retries": "openai: retries per request before its prompts count as failed",
+    "BackendConfig.backend": "sim: built-in simulated pair; replay: texts from a file; transformers/vllm: "
+                             "local weights; openai: any OpenAI-compatible server; a plug-in's name or "
+                             "module:Class (docs/extending.md)",
+    "LocalWeightsConfig.dtype": "transformers/vllm weight precision",
+    "LocalWeightsConfig.quantization": "transformers: load weights in 4 or 8 bits (bitsandbytes, GPU)",
+    "LocalWeightsConfig.chat_template": "wrap prompts in the model's chat template",
+    "LocalWeightsConfig.trust_remote_code": "allow model repos to run their own code (only for weights you trust)",
+    "OpenAIModelConfig.api_mode": "openai: the /completions or /chat/completions endpoint",
+    "OpenAIModelConfig.max_concurrency": "openai: requests in flight at once",
+    "OpenAIModelConfig.timeout_s": "openai: seconds per request before it is retried",
+    "OpenAIModelConfig.max_retries": "openai: retries per request before its prompts count as failed",
     "SimConfig.n_topics": "sim: topics the simulated models write about",
     "PromptsConfig.source": "sim: built-in; file: one prompt per line; bos: empty prompts; statements: "
                             "JSONL statements in template; replay: the prompts of the replay file",
@@ -148,7 +152,13 @@ KNOB_HELP: dict[str, str] = {
 @cache
 def field_comments() -> dict[tuple[str, str], str]:
     """(class name, field name) -> the comment beside the field, or the comment lines just above it."""
-    source = inspect.getsource(config_module)
+    out: dict[tuple[str, str], str] = {}
+    for info in pkgutil.iter_modules(config_package.__path__, config_package.__name__ + "."):
+        out.update(_module_comments(inspect.getsource(import_module(info.name))))
+    return out
+
+
+def _module_comments(source: str) -> dict[tuple[str, str], str]:
     comments: dict[int, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
@@ -173,12 +183,39 @@ def field_comments() -> dict[tuple[str, str], str]:
     return out
 
 
-def _model_class(annotation: Any) -> type[BaseModel] | None:
-    """The model class of a field typed ``M``, ``M | None`` or ``list[M]``."""
-    for cand in (annotation, *get_args(annotation)):
-        if isinstance(cand, type) and issubclass(cand, BaseModel):
-            return cand
-    return None
+def _classes(annotation: Any) -> list[type[BaseModel]]:
+    """The model classes a field typed ``M``, ``M | None``, ``list[M]`` or a union of models holds."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [c for arg in get_args(annotation) for c in _classes(arg)]
+
+
+def _tags(cls: type[BaseModel]) -> dict[str, Any]:
+    """A union member's fixed fields (``backend: Literal["sim"]``): what picks it."""
+    return {n: get_args(f.annotation)[0] for n, f in cls.model_fields.items()
+            if get_origin(f.annotation) is Literal and len(get_args(f.annotation)) == 1}
+
+
+def _model_class(annotation: Any, value: Any = None) -> type[BaseModel] | None:
+    """The model class of a field typed ``M``, ``M | None`` or ``list[M]``; of a discriminated
+    union, the member ``value`` (a dumped dict) belongs to."""
+    classes = _classes(annotation)
+    if len(classes) > 1 and isinstance(value, dict):
+        for cls in classes:
+            tags = _tags(cls)
+            if tags and all(value.get(k) == v for k, v in tags.items()):
+                return cls
+    return classes[0] if classes else None
+
+
+def _alternatives(annotation: Any) -> list[str]:
+    """One line per member of a discriminated union: its tag and the fields only it has."""
+    classes = [c for c in _classes(annotation) if _tags(c)]
+    if len(classes) < 2:
+        return []
+    common = set.intersection(*(set(c.model_fields) for c in classes))
+    return [f"{'/'.join(map(str, _tags(c).values()))}: " + (", ".join(n for n in c.model_fields if n not in common)
+                                                        or "no fields of its own") for c in classes]
 
 
 def _choices(annotation: Any) -> list[Any]:
@@ -201,9 +238,12 @@ def _scalar(value: Any) -> str:
 
 
 def _help(cls: type[BaseModel], name: str, info: FieldInfo) -> list[str]:
-    text = field_comments().get((cls.__name__, name)) or KNOB_HELP.get(f"{cls.__name__}.{name}", "")
+    owners = [k.__name__ for k in cls.__mro__ if isinstance(k, type) and issubclass(k, BaseModel)]
+    text = next((t for o in owners if (t := field_comments().get((o, name)) or KNOB_HELP.get(f"{o}.{name}"))), "")
     extra = []
     choices = _choices(info.annotation)
+    if issubclass(cls, BackendConfig) and name == "backend":
+        choices = BACKENDS.names()  # built-ins and installed plug-ins, not just this member's tag
     if choices:
         extra.append("one of: " + " | ".join(map(str, choices)))
     if _bounds(info):
@@ -217,8 +257,12 @@ def _emit(cls: type[BaseModel], values: dict[str, Any], indent: int, out: list[s
     pad = "  " * indent
     for name, info in cls.model_fields.items():
         value = values.get(name)
-        sub = _model_class(info.annotation)
+        sub = _model_class(info.annotation, value)
         out.extend(f"{pad}# {line}" for line in _help(cls, name, info))
+        alternatives = _alternatives(info.annotation)
+        if alternatives:
+            out.append(f"{pad}# settings of its own per kind (set the kind first):")
+            out.extend(f"{pad}#   {line}" for line in alternatives)
         if sub is not None and isinstance(value, dict):
             out.append(f"{pad}{name}:")
             _emit(sub, value, indent + 1, out)

@@ -89,11 +89,11 @@ def pairs_from_sim(seed: int, *, identical: bool = False, per_prompt: int = 2) -
     styles planted, ``sim.styles: true``, unless ``identical``): the sim as paired data, no broker."""
     import asyncio
 
-    from services.core.config import GeneratorConfig, ModelConfig, PromptsConfig, SimConfig
+    from services.core.config import GeneratorConfig, PromptsConfig, SimConfig, SimModelConfig
     from services.generator.backends.base import DecodingParams, GenerationTask
     from services.generator.backends.sim import SimBackend, sim_prompts
 
-    mc, gc = ModelConfig(sim=SimConfig(identical=identical, styles=True)), GeneratorConfig(seed=seed)
+    mc, gc = SimModelConfig(sim=SimConfig(identical=identical, styles=True)), GeneratorConfig(seed=seed)
     prompts = sim_prompts(PromptsConfig())
     tasks = [GenerationTask(p.prompt_id, p.text, per_prompt, DecodingParams(), seed=seed) for p in prompts]
 

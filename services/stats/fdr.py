@@ -49,6 +49,21 @@ class LordPlusPlus:
     horizon: the gammas are normalised to sum 1 over this many tests (more power for streams that
     fit in it; beyond horizon tests after the last rejection, levels drop to 0). horizon=None uses
     the infinite-sum normalisation: valid for any stream length, about 2.6x smaller levels early on.
+
+    The level is known before the p-value; a discovery earns wealth back, so the next level rises;
+    the state round-trips through JSON (the validator keeps it in Redis):
+
+    >>> rule = LordPlusPlus(alpha=0.05)
+    >>> round(rule.next_level(), 6)
+    0.003485
+    >>> rule.record(0.2)
+    (False, 0.0034852205189266645)
+    >>> rule.record(1e-6)
+    (True, 0.000757925280365692)
+    >>> round(rule.next_level(), 6), rule.rejection_times
+    (0.004131, (2,))
+    >>> LordPlusPlus.from_dict(rule.to_dict()).next_level() == rule.next_level()
+    True
     """
 
     def __init__(self, alpha: float, w0: float | None = None, horizon: int | None = 10_000) -> None:

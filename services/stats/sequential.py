@@ -52,6 +52,17 @@ def beta_binomial_log_e(k: int, n: int, p0: float = 0.5, a: float = 0.5) -> floa
     Anytime-valid: reject as soon as the result is >= log(1/level), at any n, and the type-I error
     stays <= level (Ville). a is the Beta(a, a) mixing prior (a=0.5: Jeffreys / KT mixture).
     With n=0 the e-value is 1 (log 0).
+
+    A cluster whose texts are 40 of 50 from the intervention model: e = exp(7.45) ~ 1700, past
+    1/0.05 = 20 (log 3.0), so the share test rejects "both models equally often" at level 0.05;
+    15 of 20 is not yet evidence (e ~ 2.4), and an even split lowers the e-value below 1:
+
+    >>> round(beta_binomial_log_e(0, 0), 3), round(beta_binomial_log_e(15, 20), 3)
+    (0.0, 0.877)
+    >>> round(beta_binomial_log_e(40, 50), 3) >= math.log(1 / 0.05)
+    True
+    >>> round(beta_binomial_log_e(10, 20), 3)
+    -1.736
     """
     _check_p0_a(p0, a)
     if not 0 <= k <= n:
@@ -141,6 +152,11 @@ def confidence_sequence_bernoulli(k: int, n: int, alpha: float = 0.05, a: float 
     beats the maximum likelihood), so the set is an interval around k/n whose ends are single roots:
     brentq finds them exactly (no grid rounding); the upper end is the lower end of the mirrored
     count because the Beta(a, a) prior is symmetric.
+
+    40 of 50: the share lies in [0.586, 0.937], and 0.5 is outside, as the e-value said:
+
+    >>> [round(x, 3) for x in confidence_sequence_bernoulli(40, 50)]
+    [0.586, 0.937]
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")

@@ -39,7 +39,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from services.core.config import Config, ConfigError, LLMConfig, ModelsConfig, TierConfig
+from services.core.config import (
+    Config,
+    ConfigError,
+    GenerativeTierConfig,
+    LLMConfig,
+    ModelsConfig,
+    TransformersModelConfig,
+)
 from services.core.events import Hypothesis, TextRef
 from services.generator.backends.transformers_backend import TransformersBackend
 from services.llm.budget import Spend
@@ -47,7 +54,7 @@ from services.llm.client import LLMClient
 from services.llm.errors import LLMError
 from services.llm.parsing import parse_json_array
 from services.llm.prompts import generative_prompt
-from services.validator.tiers import Tier, TierScores
+from services.validator.tiers import Tier, TierDeps, TierScores
 
 log = logging.getLogger("autointerv.validator.generative")
 
@@ -88,13 +95,18 @@ class GenerativeTier(Tier):
     """Scores LLM-written texts by the intervention/base per-token likelihood ratio."""
 
     reads_holdout: ClassVar[bool] = False
+    config_model = GenerativeTierConfig
 
-    def __init__(self, cfg: TierConfig, client: LLMClient, base: TransformersBackend,
+    def __init__(self, cfg: GenerativeTierConfig, client: LLMClient, base: TransformersBackend,
                  intervention: TransformersBackend) -> None:
         super().__init__(cfg)
         self.client = client
         self.base = base
         self.intervention = intervention
+
+    @classmethod
+    async def build(cls, cfg: Config, tier_cfg: GenerativeTierConfig, deps: TierDeps) -> Tier:
+        return await build_generative_tier(cfg, tier_cfg, deps.llm_client)
 
     @property
     def n_texts(self) -> int:
@@ -154,11 +166,12 @@ class GenerativeTier(Tier):
         await self.intervention.aclose()
 
 
-async def build_generative_tier(cfg: Config, tier_cfg: TierConfig,
+async def build_generative_tier(cfg: Config, tier_cfg: GenerativeTierConfig,
                                 make_client: Callable[[LLMConfig], LLMClient]) -> GenerativeTier:
     """Check the models' backends, build both backends and the LLM client, load the models."""
     require_local_models(cfg.models, tier_cfg.name)
-    assert tier_cfg.llm is not None  # TierConfig's validator guarantees it for this kind
+    assert isinstance(cfg.models.base, TransformersModelConfig)  # require_local_models checked both
+    assert isinstance(cfg.models.intervention, TransformersModelConfig)
     base = TransformersBackend(cfg.models.base, cfg.generator, "base")
     intervention = TransformersBackend(cfg.models.intervention, cfg.generator, "intervention")
     tier = GenerativeTier(tier_cfg, make_client(tier_cfg.llm), base, intervention)

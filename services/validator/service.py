@@ -30,24 +30,18 @@ import orjson
 from redis.asyncio import Redis
 
 from services.core.events import ControlEvent, DeadLetter, Event, Hypothesis, Validation, stable_id
+from services.core.registry import TIERS
 from services.core.runtime import Incoming, Service, ServiceContext
 from services.core.state import expire_state
 from services.core.text_store import TextStore
 from services.core.topics import escalation_topic
 from services.stats.auc import auc_test
 from services.stats.fdr import LordPlusPlus
-from services.validator.tiers import (
-    EmbeddingTier,
-    KeywordTier,
-    LLMTier,
-    Tier,
-    TierScores,
-    split_refs,
-)
+from services.validator.tiers import Tier, TierDeps, TierScores, split_refs
 from services.validator.trusted import trusted_holdout
 
 if TYPE_CHECKING:
-    from services.core.config import Config, LLMConfig, TierConfig
+    from services.core.config import BaseTierConfig, Config, LLMConfig
     from services.embedder.cache import EmbeddingCache
     from services.embedder.encoder import Encoder
     from services.llm.client import LLMClient
@@ -55,23 +49,13 @@ if TYPE_CHECKING:
 MIN_PER_SIDE = 5
 
 
-async def build_tier(cfg: Config, c: TierConfig, *, encoder: Callable[[], Awaitable[Encoder]],
+async def build_tier(cfg: Config, c: BaseTierConfig, *, encoder: Callable[[], Awaitable[Encoder]],
                      cache: Callable[[], EmbeddingCache | None],
                      llm_client: Callable[[LLMConfig], LLMClient]) -> Tier:
-    """A tier of kind ``c.kind``; callers differ only in where the
-    encoder, the embedding cache and LLM clients come from."""
-    if c.kind == "keyword":
-        return KeywordTier(c)
-    if c.kind == "embedding":
-        return EmbeddingTier(c, await encoder(), cache())
-    if c.kind == "llm":
-        assert c.llm is not None  # TierConfig requires it for this kind
-        return LLMTier(c, llm_client(c.llm))
-    if c.kind == "generative":
-        from services.validator.generative import build_generative_tier
-
-        return await build_generative_tier(cfg, c, llm_client)
-    raise ValueError(f"validator tier {c.name!r}: kind {c.kind!r} is not available in this build")
+    """The tier class ``c.kind`` names in the registry (built-in or plug-in), built from its
+    settings; callers differ only in where the encoder, the embedding cache and LLM clients come from."""
+    cls: type[Tier] = TIERS.load(c.kind)
+    return await cls.build(cfg, c, TierDeps(encoder=encoder, cache=cache, llm_client=llm_client))
 
 
 class ValidatorService(Service):

@@ -20,14 +20,23 @@ from __future__ import annotations
 import asyncio
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from services.core.config import TierConfig
+from services.core.config import (
+    BaseTierConfig,
+    EmbeddingTierConfig,
+    KeywordTierConfig,
+    LLMTierConfig,
+)
 from services.core.events import Hypothesis, TextRef
 from services.hypothesizer.offline import TOKEN_PATTERN, claim_of
+
+if TYPE_CHECKING:
+    from services.core.config import Config, LLMConfig
 
 # words that frame a claim (who is compared with whom, how often) rather than say what the texts hold
 FRAME_WORDS = frozenset({
@@ -62,13 +71,33 @@ def split_holdout(h: Hypothesis, max_per_side: int) -> tuple[list[TextRef], list
     return split_refs(h.holdout_texts, h.direction, max_per_side)
 
 
+@dataclass(frozen=True)
+class TierDeps:
+    """What a tier may need from the process that builds it; callers (the validator service, the
+    cascade benchmark, the null test) differ only in where these come from."""
+
+    encoder: Callable[[], Awaitable[Any]]  # the process's one embedding model (loaded on first call)
+    cache: Callable[[], Any]  # the embedding cache, or None
+    llm_client: Callable[[LLMConfig], Any]  # an LLM client spending the experiment's one budget
+
+
 class Tier(ABC):
+    """One validation tier.  A tier class names its settings model (``config_model``, validated at
+    start-up under ``validator.tiers[]``) and builds itself from it with :meth:`build`; it is found
+    by its ``kind`` through services/core/registry.py TIERS (docs/extending.md: a plug-in tier)."""
+
+    config_model: ClassVar[type[BaseTierConfig]] = BaseTierConfig
     # False for a tier that never reads held-out texts (the generative tier writes its own): the
     # service then neither looks them up nor requires any
     reads_holdout: ClassVar[bool] = True
 
-    def __init__(self, cfg: TierConfig) -> None:
+    def __init__(self, cfg: BaseTierConfig) -> None:
         self.cfg = cfg
+
+    @classmethod
+    async def build(cls, cfg: Config, tier_cfg: Any, deps: TierDeps) -> Tier:
+        """A ready tier for ``tier_cfg`` (an instance of ``config_model``); the default needs nothing."""
+        return cls(tier_cfg)
 
     @abstractmethod
     async def score(self, h: Hypothesis, pos: list[TextRef], neg: list[TextRef]) -> TierScores: ...
@@ -95,6 +124,8 @@ def hypothesis_words(text: str) -> list[str]:
 class KeywordTier(Tier):
     """Share of the hypothesis' content words (prefix match) found in each text."""
 
+    config_model = KeywordTierConfig
+
     async def score(self, h: Hypothesis, pos: list[TextRef], neg: list[TextRef]) -> TierScores:
         patterns = [re.compile(r"\b" + re.escape(w) + r"\w*", re.IGNORECASE) for w in hypothesis_words(h.text)]
 
@@ -107,10 +138,16 @@ class KeywordTier(Tier):
 class EmbeddingTier(Tier):
     """Cosine similarity to the hypothesis; texts' vectors come from the shared embedding cache."""
 
-    def __init__(self, cfg: TierConfig, encoder, cache) -> None:
+    config_model = EmbeddingTierConfig
+
+    def __init__(self, cfg: BaseTierConfig, encoder, cache) -> None:
         super().__init__(cfg)
         self.encoder = encoder
         self.cache = cache
+
+    @classmethod
+    async def build(cls, cfg: Config, tier_cfg: EmbeddingTierConfig, deps: TierDeps) -> Tier:
+        return cls(tier_cfg, await deps.encoder(), deps.cache())
 
     async def score(self, h: Hypothesis, pos: list[TextRef], neg: list[TextRef]) -> TierScores:
         from services.embedder.cache import embed_with_cache
@@ -124,9 +161,15 @@ class EmbeddingTier(Tier):
 class LLMTier(Tier):
     """0-100 ratings from an LLM; one cached call per (hypothesis, text)."""
 
-    def __init__(self, cfg: TierConfig, client) -> None:
+    config_model = LLMTierConfig
+
+    def __init__(self, cfg: LLMTierConfig, client) -> None:
         super().__init__(cfg)
         self.client = client
+
+    @classmethod
+    async def build(cls, cfg: Config, tier_cfg: LLMTierConfig, deps: TierDeps) -> Tier:
+        return cls(tier_cfg, deps.llm_client(tier_cfg.llm))
 
     async def score(self, h: Hypothesis, pos: list[TextRef], neg: list[TextRef]) -> TierScores:
         from services.llm.budget import Spend

@@ -1,21 +1,15 @@
-"""Backend registry: config name -> backend class, imported lazily so optional extras stay optional."""
+"""Generation backends, found through the one registry (services/core/registry.py BACKENDS):
+built-ins by name, plug-ins by the ``autointerv.backends`` entry-point group or ``module:Class``.
+Classes are imported on first use, so optional extras (torch, vLLM) stay optional."""
 
 from __future__ import annotations
 
-from importlib import import_module
-
-from services.core.config import GeneratorConfig, ModelConfig
+from services.core.config import BackendConfig, GeneratorConfig
+from services.core.registry import BACKENDS
 from services.generator.backends.base import GenerationBackend
 
-BACKENDS: dict[str, str] = {
-    "sim": "services.generator.backends.sim:SimBackend",
-    "replay": "services.generator.backends.replay:ReplayBackend",
-    "transformers": "services.generator.backends.transformers_backend:TransformersBackend",
-    "vllm": "services.generator.backends.vllm_backend:VLLMBackend",
-    "openai": "services.generator.backends.openai_backend:OpenAIBackend",
-}
 
-
-def make_backend(model_cfg: ModelConfig, gen_cfg: GeneratorConfig, role: str) -> GenerationBackend:
-    module, _, cls = BACKENDS[model_cfg.backend].partition(":")
-    return getattr(import_module(module), cls)(model_cfg, gen_cfg, role)
+def make_backend(model_cfg: BackendConfig, gen_cfg: GeneratorConfig, role: str) -> GenerationBackend:
+    """The backend ``model_cfg.backend`` names, bound to ``role`` (its settings were validated by the
+    class's own ``config_model`` when the config was loaded)."""
+    return BACKENDS.load(model_cfg.backend)(model_cfg, gen_cfg, role)

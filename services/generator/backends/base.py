@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from services.core.config import BackendConfig
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,14 @@ class GenerationError(RuntimeError):
 class GenerationBackend(ABC):
     """Backends are bound to one model (one role).  ``generate`` must return exactly
     ``task.n`` results per task, in any order, or raise GenerationError for the failed tasks
-    via the ``failures`` list of :class:`BatchResult`."""
+    via the ``failures`` list of :class:`BatchResult`.
+
+    A backend is built as ``cls(model_cfg, gen_cfg, role)``: ``model_cfg`` is an instance of the
+    class's own ``config_model`` (its fields, validated at start-up), ``gen_cfg`` the shared
+    decoding settings.  docs/extending.md shows a plug-in backend."""
 
     name: str = "base"
+    config_model: ClassVar[type[BackendConfig]] = BackendConfig
     model_id: str = ""
     supports_logprobs: bool = False
 

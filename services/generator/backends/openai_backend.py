@@ -21,7 +21,7 @@ import httpx
 import orjson
 from tenacity import RetryCallState
 
-from services.core.config import GeneratorConfig, ModelConfig
+from services.core.config import GeneratorConfig, OpenAIModelConfig
 from services.core.events import stable_id
 from services.llm.retry import RETRY_AFTER_CAP_S, RetryPolicy, parse_retry_after, retryable_status
 
@@ -54,8 +54,9 @@ def split_tokens(total: int, texts: list[str]) -> list[int]:
 
 class OpenAIBackend(GenerationBackend):
     name = "openai"
+    config_model = OpenAIModelConfig
 
-    def __init__(self, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, role: str, *,
+    def __init__(self, model_cfg: OpenAIModelConfig, gen_cfg: GeneratorConfig, role: str, *,
                  logprobs: bool = False, backoff_base_s: float = 0.5, backoff_cap_s: float = 30.0,
                  retry_after_cap_s: float = RETRY_AFTER_CAP_S,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from services.core.config import GeneratorConfig, ModelConfig
+from services.core.config import BackendConfig, GeneratorConfig, ReplayModelConfig
 from services.core.events import PromptRef, stable_id
 from services.core.jsonl import iter_jsonl_objects
 
@@ -82,7 +82,7 @@ def load_replay_prompts(path: str | Path) -> list[PromptRef]:
     return [PromptRef(prompt_id=replay_prompt_id(t), text=t) for t in dict.fromkeys(df["prompt"])]
 
 
-def replay_inventory(model_cfg: ModelConfig, role: str) -> dict[str, int]:
+def replay_inventory(model_cfg: ReplayModelConfig, role: str) -> dict[str, int]:
     """Texts per prompt id that the replay backend of ``role`` can hand out (the controller plans
     within it, so it never asks for more than the file holds)."""
     if not model_cfg.path:
@@ -98,10 +98,10 @@ def replay_inventory(model_cfg: ModelConfig, role: str) -> dict[str, int]:
     return counts
 
 
-def pair_inventory(models: dict[str, ModelConfig]) -> dict[str, int] | None:
+def pair_inventory(models: dict[str, BackendConfig]) -> dict[str, int] | None:
     """Pairs available per prompt id: the smaller of the replayed roles' counts (a live role is
     unbounded); None when no role is replayed."""
-    counts = [replay_inventory(cfg, role) for role, cfg in models.items() if cfg.backend == "replay"]
+    counts = [replay_inventory(cfg, role) for role, cfg in models.items() if isinstance(cfg, ReplayModelConfig)]
     if not counts:
         return None
     prompts = set().union(*counts)
@@ -117,8 +117,9 @@ class _Pool:
 
 class ReplayBackend(GenerationBackend):
     name = "replay"
+    config_model = ReplayModelConfig
 
-    def __init__(self, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, role: str, *,
+    def __init__(self, model_cfg: ReplayModelConfig, gen_cfg: GeneratorConfig, role: str, *,
                  cycle: bool = False) -> None:
         if not model_cfg.path:
             raise ValueError(f"models.{role}.path: the replay backend needs a CSV/JSONL/Parquet file")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
-from services.core.config import GeneratorConfig, ModelConfig, PlantedBehaviour, PromptsConfig, SimConfig
+from services.core.config import GeneratorConfig, PlantedBehaviour, PromptsConfig, SimConfig, SimModelConfig
 from services.core.events import PromptRef, stable_id
 from services.generator.backends.base import BatchResult, Generated, GenerationBackend, GenerationTask
 
@@ -188,8 +188,9 @@ class SimBackend(GenerationBackend):
     """Simulated model for one role.  Deterministic given (seed, role, request, prompt, sample)."""
 
     name = "sim"
+    config_model = SimModelConfig
 
-    def __init__(self, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, role: str) -> None:
+    def __init__(self, model_cfg: SimModelConfig, gen_cfg: GeneratorConfig, role: str) -> None:
         self.role = role
         self.sim = model_cfg.sim
         self.model_id = f"sim-{role}" + ("-null" if self.sim.identical else "")

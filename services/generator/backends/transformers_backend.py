@@ -39,7 +39,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from services.core.config import GeneratorConfig, ModelConfig
+from services.core.config import GeneratorConfig, TransformersModelConfig
 from services.core.events import stable_id
 
 from .base import BatchResult, DecodingParams, Generated, GenerationBackend, GenerationError, GenerationTask
@@ -133,9 +133,10 @@ class TransformersBackend(GenerationBackend):
     """One HF model for one role.  The model loads on first use (or on :meth:`load`)."""
 
     name = "transformers"
+    config_model = TransformersModelConfig
     supports_logprobs = True
 
-    def __init__(self, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, role: str) -> None:
+    def __init__(self, model_cfg: TransformersModelConfig, gen_cfg: GeneratorConfig, role: str) -> None:
         if not model_cfg.model:
             raise ValueError(f"models.{role}.model: a HF model id or local path is required")
         require_bitsandbytes(model_cfg.quantization)

@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any
 
-from services.core.config import GeneratorConfig, ModelConfig
+from services.core.config import GeneratorConfig, VLLMModelConfig
 
 from .base import BatchResult, Generated, GenerationBackend, GenerationError, GenerationTask
 
@@ -35,9 +35,10 @@ def import_vllm() -> Any:
 
 class VLLMBackend(GenerationBackend):
     name = "vllm"
+    config_model = VLLMModelConfig
     supports_logprobs = True
 
-    def __init__(self, model_cfg: ModelConfig, gen_cfg: GeneratorConfig, role: str) -> None:
+    def __init__(self, model_cfg: VLLMModelConfig, gen_cfg: GeneratorConfig, role: str) -> None:
         self._vllm = import_vllm()
         if not model_cfg.model:
             raise ValueError(f"models.{role}.model: a HF model id or local path is required")
