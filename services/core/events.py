@@ -453,6 +453,25 @@ class ControlEvent(Event):
         return f"{self.experiment_id}:{self.kind}:{self.round}:{int(self.force)}"
 
 
+class PairedRound(Event):
+    """The paired-contrast service's answer to a closed sampling round: it has read the round's
+    texts and proposed (``hypothesis_ids``, possibly none) from every label pair so far.  The
+    controller settles a round only after this answer and the decisions of those hypotheses, so a
+    run never ends with paired hypotheses still to come."""
+
+    topic: ClassVar[str] = "paired-rounds"
+    type: ClassVar[str] = "autointerv.paired.round"
+
+    round: int
+    hypothesis_ids: list[str] = Field(default_factory=list)
+    label_pairs: int = 0  # label pairs the proposers saw (0: no proposal this round)
+    held_out_pairs: int = 0
+    created_at: float = Field(default_factory=time.time)
+
+    def event_id(self) -> str:
+        return f"{self.experiment_id}:paired-round:{self.round}"
+
+
 class DeadLetter(Event):
     topic: ClassVar[str] = "dead-letters"
     type: ClassVar[str] = "autointerv.deadletter"
@@ -483,6 +502,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     Hypothesis,
     Validation,
     ControlEvent,
+    PairedRound,
     DeadLetter,
 )
 EVENTS_BY_TOPIC: Mapping[str, type[Event]] = {e.topic: e for e in EVENT_TYPES}
