@@ -60,7 +60,7 @@ async def test_service_proposes_from_label_pairs_and_its_events_validate(redis_u
         first = [e for e in svc.out if isinstance(e, Hypothesis)]
         answer = svc.out[-1]
         assert isinstance(answer, PairedRound) and answer.round == 0
-        assert answer.hypothesis_ids == [h.hypothesis_id for h in first] and first
+        assert answer.hypothesis_ids == [h.hypothesis_id for h in first] and first and answer.label_pairs > 0
         svc.close_round(ControlEvent(experiment_id=cfg.experiment.id, kind="round_closed", round=1,
                                      expected_texts=len(texts)))
         await svc.tick()  # nothing new: no second proposal round, only the answer

@@ -185,12 +185,13 @@ class PairedService(Service):
         if not (b.force or len(self.seen) >= b.expected_texts or waited >= self.cfg.controller.round_timeout_s):
             return
         self.barrier, self.answered = None, b.round
-        events = await self.propose_round() if self.due() else []
+        proposing = self.due()
+        events = await self.propose_round() if proposing else []
         for event in events:
             await self.emit(event)
         await self.emit(PairedRound(experiment_id=self.ctx.experiment_id, round=b.round,
                                     hypothesis_ids=[e.hypothesis_id for e in events],
-                                    label_pairs=len(self.label) if events else 0, held_out_pairs=len(self.held)))
+                                    label_pairs=len(self.label) if proposing else 0, held_out_pairs=len(self.held)))
 
     async def propose_round(self) -> list[Hypothesis]:
         """New hypotheses from every label pair so far (never a held-out one)."""
