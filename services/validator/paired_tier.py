@@ -56,13 +56,15 @@ class PairedTier:
 
     async def score(self, h: Hypothesis, refs: Sequence[TextRef] | None = None) -> PairScores:
         """Held-out scores of ``h``'s pairs (``refs``: its held-out texts with their text, by
-        default the ones the message carries), at most ``tier.max_texts`` pairs."""
+        default the ones the message carries).  Offline scorers read every pair it carries (at most
+        ``paired.holdout_pairs``: they cost nothing, and a tier's ``max_texts`` per side would leave
+        a paired test 60 pairs); an LLM judge at most ``min(tier.max_texts, paired.llm_judge_pairs)``."""
         kind = h.scorer.get("type")
         if kind == "direction" and self._encoder is None:
             self._encoder = await self._encoder_factory()
         if kind == "llm_judge" and self._llm is None:
             self._llm = self._llm_factory()
-        pairs = pairs_of_refs(list(h.holdout_texts if refs is None else refs))[: self.tier.max_texts]
+        pairs = pairs_of_refs(list(h.holdout_texts if refs is None else refs))
         scorer = make_scorer(h.scorer, cache=self.cache, encoder=self._encoder, llm=self._llm,
                              max_pairs=min(self.tier.max_texts, self.cfg.paired.llm_judge_pairs))
         return await scorer.ascore(pairs)
