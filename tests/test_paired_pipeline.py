@@ -13,6 +13,7 @@ Skipped with a message when ../shared/data is absent (the sim test always runs).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,10 @@ from services.groundtruth import is_finding, style_by_rule
 
 pytestmark = pytest.mark.slow
 
+NULL_ID = os.environ.get("PAIRED_NULL_ID", "hc3-swap-null")  # another id: another split of the same null
 SLICE = 240  # prompts: 480 texts, small enough for two shared cores
-EXCLAIM = {"exclamations", "ends_with_exclamation", "space_before_punctuation"}
+# (not "space before punctuation": " !" adds one, but HC3's human answers have many more, "word .")
+EXCLAIM = {"exclamations", "ends_with_exclamation"}
 
 
 def hc3_slice(n: int) -> list[dict[str, str]]:
@@ -68,11 +71,14 @@ def swap_roles(rows: list[dict[str, str]], seed: int) -> list[dict[str, str]]:
     return out
 
 
-def replay_config(path: Path, **paired: object) -> Config:
+def replay_config(path: Path, experiment_id: str, **paired: object) -> Config:
+    """``experiment_id`` is fixed: pair ids, and so the label/held-out split, derive from it, so
+    the run is the same every time (a fresh key namespace per run keeps runs apart in Redis)."""
     _, base, inter = REAL_SETS["hc3"]
     models = {"base": {"backend": "replay", "path": str(path), "replay_model_name": base},
               "intervention": {"backend": "replay", "path": str(path), "replay_model_name": inter}}
-    return sim_config(models=models, controller={"initial_texts": 200, "round_texts": 100, "max_texts": 100_000},
+    return sim_config(models=models, experiment={"id": experiment_id},
+                      controller={"initial_texts": 200, "round_texts": 100, "max_texts": 100_000},
                       paired={"min_label_pairs": 30, **paired})
 
 
@@ -87,7 +93,7 @@ def validated(res):
 
 async def test_exclamations_planted_in_real_answers_are_a_validated_paired_finding(tmp_path, redis_url):
     rows = plant_exclamations(hc3_slice(SLICE), 0.3, seed=0)
-    res = await arun(replay_config(write_rows(tmp_path / "hc3.jsonl", rows)), redis_url=redis_url)
+    res = await arun(replay_config(write_rows(tmp_path / "hc3.jsonl", rows), "hc3-exclaim"), redis_url=redis_url)
     assert res.reason.startswith("finished"), res.reason
     assert res.run.progress["stopped_because"] == "data_exhausted"
     paired = [h for h in validated(res) if h.kind == "paired"]
@@ -102,7 +108,7 @@ async def test_pair_swap_null_of_the_same_slice_validates_nothing(tmp_path, redi
     rows = swap_roles(plant_exclamations(hc3_slice(SLICE), 0.3, seed=0), seed=1)
     # every proposal the label split allows goes to the validator (no screening): a validator that
     # validated what it is given would fail here, not only a proposer that proposed nothing
-    res = await arun(replay_config(write_rows(tmp_path / "null.jsonl", rows), propose_max_p=1.0),
+    res = await arun(replay_config(write_rows(tmp_path / "null.jsonl", rows), NULL_ID, propose_max_p=1.0),
                      redis_url=redis_url)
     assert res.reason.startswith("finished"), res.reason
     bus = res.run.bus
@@ -115,7 +121,8 @@ async def test_pair_swap_null_of_the_same_slice_validates_nothing(tmp_path, redi
 
 async def test_sim_styles_are_found_as_paired_findings(redis_url):
     sim = {"backend": "sim", "sim": {"styles": True}}
-    cfg = sim_config(seed=1, max_texts=3000, models={"base": sim, "intervention": sim})
+    cfg = sim_config(seed=1, max_texts=3000, models={"base": sim, "intervention": sim},
+                     experiment={"id": "sim-styles-pipeline"})
     res = await arun(cfg, redis_url=redis_url)
     found = {style_by_rule(h, DEFAULT_STYLES) for h in validated(res) if h.kind == "paired"}
     assert {s.name for s in DEFAULT_STYLES} <= found, found

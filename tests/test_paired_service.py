@@ -67,6 +67,19 @@ async def test_service_proposes_from_label_pairs_and_its_events_validate(redis_u
         assert len(svc.out) == len(first) + 2 and svc.out[-1] == PairedRound(
             experiment_id=cfg.experiment.id, round=1, held_out_pairs=answer.held_out_pairs,
             created_at=svc.out[-1].created_at)
+        more = embedded(cfg.experiment.id, 100, seed=1)  # generation stops after 100 more pairs
+        svc.close_round(ControlEvent(experiment_id=cfg.experiment.id, kind="stopping", round=1,
+                                     expected_texts=len(texts) + len(more)))
+        for ev in more:
+            svc.add(ev)
+        await svc.tick()
+        last = [e for e in svc.out[len(first) + 2:] if isinstance(e, Hypothesis)]
+        final = svc.out[-1]
+        assert isinstance(final, PairedRound) and final.final
+        assert final.hypothesis_ids == [h.hypothesis_id for h in last]
+        assert final.label_pairs > answer.label_pairs  # the last proposals read every label pair
+        await svc.tick()  # answered once
+        assert svc.out[-1] is final
     label_ids = {stable_id(e.pair_id, e.role) for e in texts if is_label_pair(e.pair_id, cfg.paired.label_fraction)}
     for h in first:
         assert h.kind == "paired" and h.scorer and h.cluster_id == -1

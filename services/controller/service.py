@@ -20,8 +20,10 @@ a run that loses more than ``max_lost_share`` of its texts stops.
 The round's plan is saved to Redis *before* its requests are emitted, so a crash between the two
 re-emits the same requests (same ids, so the same texts) and never plans a second round on the
 same budget.  The tallies the gates need are saved with the state before offsets are committed.
-When generation stops (budget, data exhausted, stable, wall time, lost texts), the controller waits
-for the last decisions and publishes ``finished`` on the control topic with the reason and counts.
+When generation stops (budget, data exhausted, stable, wall time, lost texts), the controller says
+so on the control topic (``stopping``: the paired-contrast service proposes once more from every
+label pair and answers with a final ``PairedRound``), waits for the last decisions and publishes
+``finished`` on the control topic with the reason and counts.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class ControllerState:
     decided_by: dict[str, Any] = field(default_factory=dict)  # hypothesis id -> rank of the deciding validation
     uncertainty: int = 0
     paired_round: int = -1  # last round the paired-contrast service answered (PairedRound)
+    paired_final: bool = False  # it answered ``stopping`` (its last proposals are announced)
     stopped_because: str = ""
     stop_reason: str = ""
     finished_sent: bool = False
@@ -195,6 +198,7 @@ class ControllerService(Service):
                 st.hypotheses.setdefault(ev.hypothesis_id, [ev.candidate_id, ev.siblings])
             elif isinstance(ev, PairedRound):
                 st.paired_round = max(st.paired_round, ev.round)
+                st.paired_final = st.paired_final or ev.final
                 for hid in ev.hypothesis_ids:  # they may arrive after their announcement
                     st.hypotheses.setdefault(hid, [f"paired:{self.ctx.experiment_id}", 1])
             elif isinstance(ev, Validation) and supersedes(ev, st.decided_by.get(ev.hypothesis_id)):
@@ -257,7 +261,7 @@ class ControllerService(Service):
         (at the end: every hypothesis seen), and the paired-contrast service, when it runs, has
         answered the round (its hypotheses are then among those seen)."""
         st = self.st
-        if self.cfg.paired.enabled and st.paired_round < st.round:
+        if self.cfg.paired.enabled and (st.paired_round < st.round or (final and not st.paired_final)):
             return False
         if not final and len(st.candidates) < st.barrier_candidates:
             return False
@@ -330,6 +334,8 @@ class ControllerService(Service):
         self.log.info("generation stopped", extra={"because": because, "reason": reason,
                                                    "texts": st.texts_planned})
         self._enter("stopping")
+        await self.emit(ControlEvent(experiment_id=self.ctx.experiment_id, kind="stopping", round=st.round,
+                                     expected_texts=st.produced(), stopped_because=because, detail=reason))
         await self._save()
 
     async def _finish(self) -> None:

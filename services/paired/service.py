@@ -120,6 +120,9 @@ class PairedService(Service):
         self.barrier: ControlEvent | None = None  # the latest round_closed not yet answered
         self.barrier_since = 0.0
         self.answered = -1  # last round answered
+        self.stopped: ControlEvent | None = None  # generation stopped: one last proposal round
+        self.stopped_since = 0.0
+        self.final_sent = False
         self.llm: LLMClient | None = None
         self.redis = None
         if pc.llm is not None:
@@ -140,7 +143,11 @@ class PairedService(Service):
         await self.tick()
 
     def close_round(self, ev: ControlEvent) -> None:
-        """Remember the latest closed round; it is answered once its texts have arrived."""
+        """Remember the latest closed round (and ``stopping``); each is answered once its texts
+        have arrived."""
+        if ev.kind == "stopping" and self.stopped is None:
+            self.stopped, self.stopped_since = ev, self.clock.time()
+            return
         if ev.kind != "round_closed" or ev.round <= self.answered:
             return
         if self.barrier is None or (ev.round, ev.force) > (self.barrier.round, self.barrier.force):
@@ -175,21 +182,30 @@ class PairedService(Service):
             return False
         return self.rounds == 0 or self.new_label >= min(pc.propose_every, max(1, self.label_at_last))
 
+    def _arrived(self, ev: ControlEvent, since: float) -> bool:
+        waited = self.clock.time() - since
+        return ev.force or len(self.seen) >= ev.expected_texts or waited >= self.cfg.controller.round_timeout_s
+
     async def tick(self) -> None:
         """Answer the pending round barrier once its texts are here (or it was forced, or waited
-        out ``controller.round_timeout_s``): propose if due, then say so with a PairedRound."""
+        out ``controller.round_timeout_s``): propose if due, then say so with a PairedRound.  After
+        ``stopping``, the last answer: a proposal round on every label pair if any came since the
+        last one (the end of a replay file or budget is when the label split is largest)."""
         b = self.barrier
-        if b is None:
-            return
-        waited = self.clock.time() - self.barrier_since
-        if not (b.force or len(self.seen) >= b.expected_texts or waited >= self.cfg.controller.round_timeout_s):
-            return
-        self.barrier, self.answered = None, b.round
-        proposing = self.due()
+        if b is not None and self._arrived(b, self.barrier_since):
+            self.barrier, self.answered = None, b.round
+            await self._answer(b.round, self.due(), final=False)
+        s = self.stopped
+        if s is not None and not self.final_sent and self.barrier is None and self._arrived(s, self.stopped_since):
+            self.final_sent = True
+            ready = len(self.label) >= self.cfg.paired.min_label_pairs and self.new_label > 0
+            await self._answer(s.round, ready, final=True)
+
+    async def _answer(self, round_: int, proposing: bool, final: bool) -> None:
         events = await self.propose_round() if proposing else []
         for event in events:
             await self.emit(event)
-        await self.emit(PairedRound(experiment_id=self.ctx.experiment_id, round=b.round,
+        await self.emit(PairedRound(experiment_id=self.ctx.experiment_id, round=round_, final=final,
                                     hypothesis_ids=[e.hypothesis_id for e in events],
                                     label_pairs=len(self.label) if proposing else 0, held_out_pairs=len(self.held)))
 
