@@ -8,12 +8,13 @@ the same services ``autointerv run`` starts (no second wiring).  Sets:
 * the pair-swap null of each real set, 3 seeds: each prompt's two answers exchange models with
   probability 1/2, an exact null for any data; nothing may be validated.
 
-Per set it prints the validated findings (kind, the side they claim, effect: the share difference
-for a mode finding, P(the intervention's answer scores higher than its partner's) with its 95% CI
-for a paired one), the null runs' validated counts, texts used, wall time, and the **pair identity
-accuracy**: the run's validated findings alone as scorers (paired: their scorer; mode: the
-keyword tier's score of the finding's words), weighted by a logistic model fit on the run's label
-pairs, the share of its held-out pairs whose intervention answer is picked (services/paired/identity.py).
+Per set it prints the validated findings (kind, the side they claim, effect: the held-out AUC and
+the intervention's share of the cluster for a mode finding, P(the intervention's answer scores
+higher than its partner's) with its 95% CI for a paired one), the null runs' validated counts,
+texts used, wall time, and the **pair identity accuracy**: the run's validated findings alone as
+scorers (paired: their scorer; mode: the keyword tier's score of the finding's words), weighted by
+a logistic model fit on the run's label pairs, the share of its held-out pairs whose intervention
+answer is picked (services/paired/identity.py).
 For HC3 the paired findings' directions are checked against Guo et al. (2023): ChatGPT longer, more
 formal and hedged; people shorter, first-person, colloquial.  Last line:
 ``discovery_recall=<planted sim behaviours validated / planted>``.
@@ -201,7 +202,8 @@ def effect_of(res: ExperimentResult, h: Hypothesis) -> str:
         e = v.effect
         return (f"P(int>base) {e['p_intervention_higher']:.2f} "
                 f"[{e['p_intervention_higher_lo']:.2f},{e['p_intervention_higher_hi']:.2f}]")
-    return f"AUC {v.auc:.2f}" + (f", share diff {v.effect['share_diff']:+.3f}" if "share_diff" in v.effect else "")
+    share = v.effect.get("share_intervention")
+    return f"AUC {v.auc:.2f}" + ("" if share is None else f", cluster share(int) {share:.2f}")
 
 
 def guo_check(h: Hypothesis) -> str:
