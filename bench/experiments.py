@@ -26,6 +26,7 @@ from services.core.resources import Resources
 from services.core.runtime import Service
 from services.core.topics import Topics
 from services.groundtruth import (
+    ALL_KINDS,
     GroundTruthRule,
     TextTruth,
     cluster_purity,
@@ -73,13 +74,13 @@ class MatchByMeaning:
     The encoder is loaded once, at the first finding, and shared by every run given this matcher."""
 
     def __init__(self) -> None:
-        self._rules: dict[float, GroundTruthRule] = {}
+        self._rules: dict[tuple[float, tuple[str, ...]], GroundTruthRule] = {}
 
     def __call__(self, h: Hypothesis, truth: dict[str, TextTruth], cfg: Config) -> str | None:
-        rule = self._rules.get(cfg.ground_truth.match_threshold)
-        if rule is None:
-            rule = self._rules[cfg.ground_truth.match_threshold] = GroundTruthRule.from_config(
-                cfg, encoder_factory=self._shared_encoder)
+        key = (cfg.ground_truth.match_threshold, tuple(b.name for b in planted_behaviours(cfg, ALL_KINDS)))
+        rule = self._rules.get(key)
+        if rule is None:  # one per threshold and planted set (a sim with styles plants more)
+            rule = self._rules[key] = GroundTruthRule.from_config(cfg, encoder_factory=self._shared_encoder)
         return match_by_text([h], rule.behaviours, rule.encoder(), rule.threshold, truth)[0].behaviour
 
     def _shared_encoder(self) -> Any:
@@ -189,7 +190,7 @@ async def arun(cfg: Config, *, redis_url: str | None = None, until_all_found: bo
     """Run one experiment on the memory bus.  ``until_all_found`` stops once every planted behaviour
     has a matching validated finding; the sink (run directory, report) runs only ``with_sink``.
     Pass one ``resources`` to many runs so the embedding model is loaded once."""
-    behaviours = planted_behaviours(cfg)
+    behaviours = planted_behaviours(cfg, ALL_KINDS)
     obs = _Observer(cfg, behaviours, matcher or MatchByMeaning(), keep_vectors)
     until = obs.all_found if until_all_found and behaviours else None
     run = await run_memory_pipeline(cfg, redis_url or default_redis_url(), until=until, observers=[obs],

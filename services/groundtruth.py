@@ -17,6 +17,12 @@ One definition, used by the sink (summary.json, results), the in-process harness
   grouped under the finding it mirrors (``group_mirrors``) and counts neither as a false positive
   nor as a discovery of its own.
 
+Both kinds of finding are scored (``mode``: a cluster's description; ``paired``: a difference in
+how both models answer the same prompts, services/paired) against every planted behaviour, modes and
+styles (``ALL_KINDS``).  A paired finding also matches a style *by rule* when the style names, in
+its ``meta``, the side and the bank features that measure it, or when its phrase is in the style's
+own templates (services/paired/truth.py): checkable without a judge, so the sim's styles are.
+
 Discovery precision = findings matching a behaviour / findings that are not mirrors; recall =
 planted behaviours matched by at least one finding / planted behaviours.
 
@@ -36,7 +42,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -58,7 +64,8 @@ from services.llm.prompts import ground_truth_prompt
 
 log = logging.getLogger("autointerv.groundtruth")
 
-Method = Literal["text", "judge"]
+Method = Literal["text", "judge", "rule"]
+ALL_KINDS = ("mode", "style")  # what ground truth scores: every planted behaviour, both paths
 TextTruth = tuple[str, str | None]  # (role, planted behaviour or None) of one text
 MAJORITY = 0.5  # purity: more than this share of the side's texts must carry the behaviour
 PLANTED_SIDE = "intervention"  # planted behaviours are the intervention model's
@@ -176,6 +183,23 @@ def _best(row: np.ndarray, names: list[str], threshold: float) -> tuple[str | No
     return (names[j] if row[j] >= threshold else None), float(row[j])
 
 
+def style_by_rule(h: Hypothesis, behaviours: Sequence[PlantedBehaviour]) -> str | None:
+    """The planted style a paired hypothesis measures by rule (services/paired/truth.py), if any."""
+    if h.kind != "paired" or not h.scorer:
+        return None
+    from services.paired.hypotheses import PairedHypothesis
+    from services.paired.truth import matches_style
+
+    ph = PairedHypothesis(h.text, h.direction, dict(h.scorer), h.labeler)
+    return next((b.name for b in behaviours if b.kind == "style" and b.meta and matches_style(ph, b)), None)
+
+
+def _with_rule(m: Match, h: Hypothesis, behaviours: Sequence[PlantedBehaviour]) -> Match:
+    """A style the rule finds wins over the meaning verdict (the rule checks what the scorer measures)."""
+    ruled = style_by_rule(h, behaviours)
+    return m if ruled is None else replace(m, behaviour=ruled, method="rule")
+
+
 def match_by_text(hypotheses: Sequence[Hypothesis], behaviours: Sequence[PlantedBehaviour], encoder: Encoder,
                   threshold: float = 0.45, truth: Mapping[str, TextTruth] | None = None) -> list[Match]:
     """The encoder's verdict alone, synchronously (benchmarks score findings as they stream by)."""
@@ -186,7 +210,7 @@ def match_by_text(hypotheses: Sequence[Hypothesis], behaviours: Sequence[Planted
         tb, ts = _best(sims[i], names, threshold)
         pb, purity = cluster_purity(h, truth) if truth is not None else (None, None)
         verdict = tb if h.direction == PLANTED_SIDE else None
-        out.append(Match(h.hypothesis_id, verdict, "text", tb, ts or 0.0, pb, purity))
+        out.append(_with_rule(Match(h.hypothesis_id, verdict, "text", tb, ts or 0.0, pb, purity), h, behaviours))
     return out
 
 
@@ -213,7 +237,8 @@ async def match_hypotheses(hypotheses: Sequence[Hypothesis], behaviours: Sequenc
         pb, purity = cluster_purity(h, truth) if truth is not None else (None, None)
         verdict = (jb if method == "judge" else tb) if h.direction == PLANTED_SIDE else None
         dropped = int(np.isnan(judged[i]).sum()) if judged is not None else 0
-        out.append(Match(h.hypothesis_id, verdict, method, tb, ts or 0.0, pb, purity, jb, js, dropped))
+        out.append(_with_rule(Match(h.hypothesis_id, verdict, method, tb, ts or 0.0, pb, purity, jb, js, dropped),
+                              h, behaviours))
     return out
 
 
@@ -231,7 +256,8 @@ class GroundTruthRule:
     @classmethod
     def from_config(cls, cfg: Config, encoder_factory: Callable[[], Encoder] | None = None) -> GroundTruthRule:
         gt: GroundTruthConfig = cfg.ground_truth
-        return cls(planted_behaviours(cfg), gt.match_threshold, gt.judge, cfg.experiment.budget_usd, encoder_factory)
+        return cls(planted_behaviours(cfg, ALL_KINDS), gt.match_threshold, gt.judge, cfg.experiment.budget_usd,
+                   encoder_factory)
 
     @property
     def name(self) -> str:

@@ -51,11 +51,12 @@ def pipeline_classes() -> list[type[Service]]:
     from services.embedder import EmbedderService
     from services.generator import GeneratorService
     from services.hypothesizer import HypothesizerService
+    from services.paired.service import PairedService
     from services.sink import SinkService
     from services.validator import ValidatorService
 
     return [ControllerService, GeneratorService, EmbedderService, ClustererService, HypothesizerService,
-            ValidatorService, SinkService]
+            PairedService, ValidatorService, SinkService]
 
 
 def build_services(ctx: ServiceContext, exclude: Iterable[str] = (),

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_config_is_valid():
     cfg = load_config(ROOT / "examples" / "demo.yaml", environ={})
     assert cfg.experiment_id.startswith("demo-") and cfg.models.base.backend == "sim"
+    # the demo shows both kinds of finding: modes and the styles paired contrasts find
+    assert cfg.models.intervention.sim.styles and cfg.paired.enabled
 
 
 def test_environment_overrides_nested_fields_and_servers():

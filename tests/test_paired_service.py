@@ -1,5 +1,6 @@
-"""The paired service (not wired into the orchestrator yet): pairs embedded texts, proposes from
-label pairs only, emits Hypothesis(kind="paired") events a validator can decide from alone."""
+"""The paired service: pairs embedded texts, proposes from label pairs only at a round barrier
+(once the round's texts are in), emits Hypothesis(kind="paired") events a validator can decide from
+alone, and answers every barrier with a PairedRound naming them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from paired_helpers import make_pairs, neutral_answer
 from service_helpers import offline_context, running
 
 from services.core.config import Config
-from services.core.events import EmbeddedText, Event, Hypothesis, stable_id
+from services.core.events import ControlEvent, EmbeddedText, Event, Hypothesis, PairedRound, stable_id
 from services.core.runtime import ServiceContext
 from services.paired.decision import decide_paired
 from services.paired.pairs import is_label_pair
@@ -47,12 +48,38 @@ async def test_service_proposes_from_label_pairs_and_its_events_validate(redis_u
     cfg.paired.min_label_pairs = 40
     async with running(CapturingPaired(offline_context(cfg, redis_url))) as svc:
         texts = embedded(cfg.experiment.id, 400)
-        for ev in texts + texts[:50]:  # re-deliveries are ignored
+        svc.close_round(ControlEvent(experiment_id=cfg.experiment.id, kind="round_closed", round=0,
+                                     expected_texts=len(texts)))
+        for ev in texts[:-1]:
+            svc.add(ev)
+        await svc.tick()
+        assert not svc.out  # the barrier waits for the round's last text
+        for ev in texts[-1:] + texts[:50]:  # re-deliveries are ignored
             svc.add(ev)
         await svc.tick()
         first = [e for e in svc.out if isinstance(e, Hypothesis)]
-        await svc.tick()  # nothing new: no second round
-        assert len(svc.out) == len(first) and first
+        answer = svc.out[-1]
+        assert isinstance(answer, PairedRound) and answer.round == 0
+        assert answer.hypothesis_ids == [h.hypothesis_id for h in first] and first and answer.label_pairs > 0
+        svc.close_round(ControlEvent(experiment_id=cfg.experiment.id, kind="round_closed", round=1,
+                                     expected_texts=len(texts)))
+        await svc.tick()  # nothing new: no second proposal round, only the answer
+        assert len(svc.out) == len(first) + 2 and svc.out[-1] == PairedRound(
+            experiment_id=cfg.experiment.id, round=1, held_out_pairs=answer.held_out_pairs,
+            created_at=svc.out[-1].created_at)
+        more = embedded(cfg.experiment.id, 100, seed=1)  # generation stops after 100 more pairs
+        svc.close_round(ControlEvent(experiment_id=cfg.experiment.id, kind="stopping", round=1,
+                                     expected_texts=len(texts) + len(more)))
+        for ev in more:
+            svc.add(ev)
+        await svc.tick()
+        last = [e for e in svc.out[len(first) + 2:] if isinstance(e, Hypothesis)]
+        final = svc.out[-1]
+        assert isinstance(final, PairedRound) and final.final
+        assert final.hypothesis_ids == [h.hypothesis_id for h in last]
+        assert final.label_pairs > answer.label_pairs  # the last proposals read every label pair
+        await svc.tick()  # answered once
+        assert svc.out[-1] is final
     label_ids = {stable_id(e.pair_id, e.role) for e in texts if is_label_pair(e.pair_id, cfg.paired.label_fraction)}
     for h in first:
         assert h.kind == "paired" and h.scorer and h.cluster_id == -1

@@ -54,6 +54,7 @@ SAMPLES: list[ev.Event] = [
                   reason="bad", original_b64="AA=="),
     ev.GenerationReport(experiment_id="e", request_id="r", role="base", round=2, texts=14,
                         failures=[ev.GenerationFailure(prompt_id="p", reason="exhausted", exhausted=True)]),
+    ev.PairedRound(experiment_id="e", round=3, hypothesis_ids=["h1", "h2"], label_pairs=40, held_out_pairs=90),
     ev.ControlEvent(experiment_id="e", kind="finished", round=7, stopped_because="budget", detail="budget spent",
                     counts={"planned": 100, "produced": 98}),
 ]

@@ -39,7 +39,7 @@ def test_expected_groups_are_every_consuming_instance() -> None:
     assert all(g.startswith(prefix) for g in groups)
     names = {g[len(prefix):] for g in groups}
     assert names == {"controller", "generator-base+intervention", "embedder", "clusterer", "hypothesizer",
-                     "validator.keyword", "validator.embedding", "sink"}
+                     "paired", "validator.keyword", "validator.embedding", "sink"}
 
 
 def test_a_cycle_through_no_origin_is_an_error_naming_the_services() -> None:

@@ -8,8 +8,9 @@ A round goes through three gates before the next one is planned:
 2. **arrived**: the controller publishes ``RoundClosed(expected_texts)`` on the control topic; the
    clusterer answers with a barrier snapshot once every one of those texts has reached it, and the
    controller has observed their embeddings itself (its contrast index);
-3. **settled**: every candidate the barrier snapshot counts has all its hypotheses decided (with
-   ``controller.wait_for_decisions``).
+3. **settled**: every candidate the barrier snapshot counts has all its hypotheses decided, and
+   the paired-contrast service (``paired.enabled``) has answered the round with a ``PairedRound``
+   whose hypotheses are decided too (with ``controller.wait_for_decisions``).
 
 So every plan is made from the same evidence on every run of a config: with one partition per
 topic, a run on the Kafka broker and a run on the in-memory bus make the same plans
@@ -19,8 +20,10 @@ a run that loses more than ``max_lost_share`` of its texts stops.
 The round's plan is saved to Redis *before* its requests are emitted, so a crash between the two
 re-emits the same requests (same ids, so the same texts) and never plans a second round on the
 same budget.  The tallies the gates need are saved with the state before offsets are committed.
-When generation stops (budget, data exhausted, stable, wall time, lost texts), the controller waits
-for the last decisions and publishes ``finished`` on the control topic with the reason and counts.
+When generation stops (budget, data exhausted, stable, wall time, lost texts), the controller says
+so on the control topic (``stopping``: the paired-contrast service proposes once more from every
+label pair and answers with a final ``PairedRound``), waits for the last decisions and publishes
+``finished`` on the control topic with the reason and counts.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from services.core.events import (
     GenerationReport,
     GenerationRequest,
     Hypothesis,
+    PairedRound,
     UncertaintyEvent,
     Validation,
 )
@@ -84,6 +88,8 @@ class ControllerState:
     decisions: dict[str, str] = field(default_factory=dict)  # hypothesis id -> final decision
     decided_by: dict[str, Any] = field(default_factory=dict)  # hypothesis id -> rank of the deciding validation
     uncertainty: int = 0
+    paired_round: int = -1  # last round the paired-contrast service answered (PairedRound)
+    paired_final: bool = False  # it answered ``stopping`` (its last proposals are announced)
     stopped_because: str = ""
     stop_reason: str = ""
     finished_sent: bool = False
@@ -98,7 +104,7 @@ class ControllerState:
 class ControllerService(Service):
     name: ClassVar[str] = "controller"
     consumes = (EmbeddedText, GenerationReport, ClusterSnapshot, UncertaintyEvent, CandidateCluster, Hypothesis,
-                Validation)
+                Validation, PairedRound)
     produces = (GenerationRequest, ControlEvent)
     origin = True
     tick_interval_s: ClassVar[float] = 0.5
@@ -191,10 +197,16 @@ class ControllerService(Service):
                     st.candidates.append(ev.candidate_id)
             elif isinstance(ev, Hypothesis):
                 st.hypotheses.setdefault(ev.hypothesis_id, [ev.candidate_id, ev.siblings])
+            elif isinstance(ev, PairedRound):
+                st.paired_round = max(st.paired_round, ev.round)
+                st.paired_final = st.paired_final or ev.final
+                for hid in ev.hypothesis_ids:  # they may arrive after their announcement
+                    st.hypotheses.setdefault(hid, [f"paired:{self.ctx.experiment_id}", 1])
             elif isinstance(ev, Validation) and supersedes(ev, st.decided_by.get(ev.hypothesis_id)):
                 st.decisions[ev.hypothesis_id] = ev.decision
                 st.decided_by[ev.hypothesis_id] = rank(ev)
-                if ev.decision == "validated" and ev.hypothesis is not None:
+                # a paired finding is about every answer, not some texts: nothing it explains to skip
+                if ev.decision == "validated" and ev.hypothesis is not None and ev.hypothesis.kind != "paired":
                     policy.observe_explained(ev.hypothesis.text_ids)
 
     async def before_commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int] | None:
@@ -247,8 +259,11 @@ class ControllerService(Service):
 
     def _settled(self, final: bool = False) -> bool:
         """Every candidate the barrier counted has all its hypotheses, each with a final decision
-        (at the end: every hypothesis seen)."""
+        (at the end: every hypothesis seen), and the paired-contrast service, when it runs, has
+        answered the round (its hypotheses are then among those seen)."""
         st = self.st
+        if self.cfg.paired.enabled and (st.paired_round < st.round or (final and not st.paired_final)):
+            return False
         if not final and len(st.candidates) < st.barrier_candidates:
             return False
         per: dict[str, int] = {}
@@ -320,6 +335,8 @@ class ControllerService(Service):
         self.log.info("generation stopped", extra={"because": because, "reason": reason,
                                                    "texts": st.texts_planned})
         self._enter("stopping")
+        await self.emit(ControlEvent(experiment_id=self.ctx.experiment_id, kind="stopping", round=st.round,
+                                     expected_texts=st.produced(), stopped_because=because, detail=reason))
         await self._save()
 
     async def _finish(self) -> None:

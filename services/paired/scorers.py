@@ -21,7 +21,7 @@ import base64
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +44,7 @@ class PairScores:
     calls: int = 0  # LLM calls made
     cost_usd: float = 0.0
     dropped: int = 0  # pairs left out because an answer could not be read
+    notes: dict[str, float] = field(default_factory=dict)  # the validator's (untrusted texts dropped)
 
 
 class PairScorer(ABC):

@@ -1,13 +1,17 @@
 """Paired-contrast service: embedded texts in, ``Hypothesis(kind="paired")`` events out.
 
-It pairs texts by ``pair_id`` (one per role), splits each pair once by a hash of its id, and every
-``paired.propose_every`` new label pairs runs the offline proposers (and the LLM proposer when
-``paired.llm`` is set) on the label pairs seen so far.  Each hypothesis not proposed before is
-emitted with its scorer spec, the label text ids the proposers saw and the most recent held-out
+It pairs texts by ``pair_id`` (one per role) and splits each pair once by a hash of its id.  At
+each of the controller's round barriers (``round_closed``, answered once the round's texts have
+arrived) it runs the offline proposers (and the LLM proposer when ``paired.llm`` is set) on the
+label pairs seen so far, when a round is due (see ``PairedService.due``), and answers with a
+``PairedRound`` naming what it proposed: the controller settles the round only after that answer
+and those decisions, so the last round's hypotheses are decided before the run ends.  Each
+hypothesis not proposed before is emitted with its scorer spec, the label text ids the proposers saw
+(the most recent ``2 * holdout_pairs`` label pairs: a sample, so messages stay small) and the most recent held-out
 pairs (``TextRef`` with ``pair_id``) for a validator, which rebuilds the scorer with
 ``make_scorer(h.scorer)`` and decides with ``decide_paired`` (see ``score_paired_hypothesis``).
 
-Not wired into the orchestrator yet.  State (pairs, proposed ids) lives in memory: a restart
+Runs in the pipeline when ``paired.enabled`` (the default).  State (pairs, proposed ids) lives in memory: a restart
 proposes again from the pairs it sees next, and hypothesis ids are stable, so a validator's
 "decided once" store keeps every decision single.
 """
@@ -17,8 +21,8 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, ClassVar
 
-from services.core.events import EmbeddedText, Hypothesis, TextRef
-from services.core.runtime import Incoming, Service
+from services.core.events import ControlEvent, EmbeddedText, Hypothesis, PairedRound, TextRef
+from services.core.runtime import Incoming, Service, ServiceContext
 from services.paired.discover import propose_paired
 from services.paired.features import FeatureCache, feature
 from services.paired.hypotheses import PairedHypothesis
@@ -89,9 +93,17 @@ async def score_paired_hypothesis(h: Hypothesis, *, cache: FeatureCache | None =
 
 
 class PairedService(Service):
+    """Proposes paired hypotheses at the controller's round barriers (see the module docstring)."""
+
     name: ClassVar[str] = "paired"
-    consumes = (EmbeddedText,)
+    consumes = (EmbeddedText, ControlEvent)
+    produces = (Hypothesis, PairedRound)
     tick_interval_s: ClassVar[float] = 1.0
+
+    @classmethod
+    def instances(cls, ctx: ServiceContext) -> list[Service]:
+        """None when ``paired.enabled`` is off: the pipeline then finds modes only."""
+        return [cls(ctx)] if ctx.cfg.paired.enabled else []
 
     async def setup(self) -> None:
         pc = self.cfg.paired
@@ -100,9 +112,17 @@ class PairedService(Service):
         self.label: deque[Pair] = deque(maxlen=pc.max_pairs)
         self.held: deque[Pair] = deque(maxlen=pc.max_pairs)
         self.text_ids: dict[str, tuple[str, str]] = {}
+        self.seen: set[str] = set()  # text ids read (the barrier counts them)
         self.proposed: set[str] = set()
         self.new_label = 0
+        self.label_at_last = 0
         self.rounds = 0
+        self.barrier: ControlEvent | None = None  # the latest round_closed not yet answered
+        self.barrier_since = 0.0
+        self.answered = -1  # last round answered
+        self.stopped: ControlEvent | None = None  # generation stopped: one last proposal round
+        self.stopped_since = 0.0
+        self.final_sent = False
         self.llm: LLMClient | None = None
         self.redis = None
         if pc.llm is not None:
@@ -115,12 +135,29 @@ class PairedService(Service):
     async def handle(self, batch: list[Incoming]) -> None:
         for item in batch:
             ev = item.event
-            assert isinstance(ev, EmbeddedText)
-            self.add(ev)
+            if isinstance(ev, ControlEvent):
+                self.close_round(ev)
+            else:
+                assert isinstance(ev, EmbeddedText)
+                self.add(ev)
         await self.tick()
+
+    def close_round(self, ev: ControlEvent) -> None:
+        """Remember the latest closed round (and ``stopping``); each is answered once its texts
+        have arrived."""
+        if ev.kind == "stopping" and self.stopped is None:
+            self.stopped, self.stopped_since = ev, self.clock.time()
+            return
+        if ev.kind != "round_closed" or ev.round <= self.answered:
+            return
+        if self.barrier is None or (ev.round, ev.force) > (self.barrier.round, self.barrier.force):
+            if self.barrier is None or ev.round != self.barrier.round:
+                self.barrier_since = self.clock.time()
+            self.barrier = ev
 
     def add(self, ev: EmbeddedText) -> None:
         """Pair the text with its partner when both roles are in; re-deliveries are ignored."""
+        self.seen.add(ev.text_id)
         if not ev.pair_id or ev.pair_id in self.text_ids:
             return
         other = self.waiting.pop(ev.pair_id, None)
@@ -136,20 +173,48 @@ class PairedService(Service):
         else:
             self.held.append(pair)
 
-    async def tick(self) -> None:
+    def due(self) -> bool:
+        """A proposal round is due once there are min_label_pairs label pairs, then whenever the
+        label split has grown by ``propose_every`` pairs or doubled, whichever comes first (small
+        runs propose often, large ones rarely: each round reads every label pair)."""
         pc = self.cfg.paired
-        due = self.new_label >= (pc.min_label_pairs if self.rounds == 0 else pc.propose_every)
-        if not due or len(self.label) < pc.min_label_pairs:
-            return
-        for event in await self.propose_round():
+        if len(self.label) < pc.min_label_pairs or self.new_label == 0:
+            return False
+        return self.rounds == 0 or self.new_label >= min(pc.propose_every, max(1, self.label_at_last))
+
+    def _arrived(self, ev: ControlEvent, since: float) -> bool:
+        waited = self.clock.time() - since
+        return ev.force or len(self.seen) >= ev.expected_texts or waited >= self.cfg.controller.round_timeout_s
+
+    async def tick(self) -> None:
+        """Answer the pending round barrier once its texts are here (or it was forced, or waited
+        out ``controller.round_timeout_s``): propose if due, then say so with a PairedRound.  After
+        ``stopping``, the last answer: a proposal round on every label pair if any came since the
+        last one (the end of a replay file or budget is when the label split is largest)."""
+        b = self.barrier
+        if b is not None and self._arrived(b, self.barrier_since):
+            self.barrier, self.answered = None, b.round
+            await self._answer(b.round, self.due(), final=False)
+        s = self.stopped
+        if s is not None and not self.final_sent and self.barrier is None and self._arrived(s, self.stopped_since):
+            self.final_sent = True
+            ready = len(self.label) >= self.cfg.paired.min_label_pairs and self.new_label > 0
+            await self._answer(s.round, ready, final=True)
+
+    async def _answer(self, round_: int, proposing: bool, final: bool) -> None:
+        events = await self.propose_round() if proposing else []
+        for event in events:
             await self.emit(event)
+        await self.emit(PairedRound(experiment_id=self.ctx.experiment_id, round=round_, final=final,
+                                    hypothesis_ids=[e.hypothesis_id for e in events],
+                                    label_pairs=len(self.label) if proposing else 0, held_out_pairs=len(self.held)))
 
     async def propose_round(self) -> list[Hypothesis]:
         """New hypotheses from every label pair so far (never a held-out one)."""
-        self.new_label, self.rounds = 0, self.rounds + 1
+        self.new_label, self.rounds, self.label_at_last = 0, self.rounds + 1, len(self.label)
         label = list(self.label)
         hypotheses, _, _ = await propose_paired(label, self.cfg, cache=self.cache, llm=self.llm, seed=self.rounds)
-        label_ids = [t for p in label for t in self.text_ids[p.pair_id]]
+        label_ids = [t for p in label[-2 * self.cfg.paired.holdout_pairs:] for t in self.text_ids[p.pair_id]]
         holdout = refs_of(list(self.held)[-self.cfg.paired.holdout_pairs:], self.text_ids)
         out = []
         for h in hypotheses:

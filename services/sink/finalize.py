@@ -21,6 +21,7 @@ from services.core.config import Config, ConfigError, load_config
 from services.core.events import CandidateCluster, Hypothesis, TextRef
 from services.core.topics import Topics
 from services.groundtruth import GroundTruthRule, finding_scope, group_mirrors, precision_recall
+from services.sink.paired_rows import PAIRED_ROWS
 from services.sink.report import write_report
 from services.sink.results import RowKind, is_finding_row, result_schema, results_rows
 from services.sink.run_state import RunState, TextStats, load_state, scan_embeddings, scan_texts
@@ -31,7 +32,7 @@ from services.sink.summary import build_summary, cluster_rows
 log = logging.getLogger("autointerv.sink")
 
 # Hypothesis kind -> the columns it adds to its results row (services/sink/results.py, RowKind)
-ROW_KINDS: Mapping[str, RowKind] = MappingProxyType({})
+ROW_KINDS: Mapping[str, RowKind] = MappingProxyType({"paired": PAIRED_ROWS})
 
 
 @dataclass
@@ -92,7 +93,16 @@ def ground_truth_summary(rows: list[dict[str, Any]], state: RunState, texts: Tex
         r["mirror_of"] = mirror_of.get(r["hypothesis_id"])
     planted = [b.name for b in rule.behaviours]
     disc = precision_recall(matches.values(), [r["hypothesis_id"] for r in findings], planted, mirror_of)
-    return disc.to_json(planted, rule.name)
+    out = disc.to_json(planted, rule.name)
+    out["planted_kinds"] = {b.name: b.kind for b in rule.behaviours}
+    # each kind's findings on their own: what the mode path and the paired path found
+    out["by_kind"] = {
+        kind: {k: v for k, v in precision_recall(matches.values(), [r["hypothesis_id"] for r in findings
+                                                                      if r.get("kind") == kind],
+                                                 planted, mirror_of).to_json(planted, rule.name).items()
+               if k in ("matched", "missed", "n_validated", "n_validated_matching", "precision", "recall")}
+        for kind in ("mode", "paired")}
+    return out
 
 
 # --------------------------------------------------------------------------- finalisation

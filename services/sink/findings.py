@@ -68,9 +68,11 @@ def clean_row(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def finding_kind(row: Mapping[str, Any]) -> FindingKind | None:
-    """'paired' or 'mode' for a described hypothesis; None for an evidence statement."""
+    """'paired' or 'mode' for a described hypothesis; None for an evidence statement.  Rows carry
+    ``kind`` (mode or paired) and ``hypothesis_kind`` (contrastive, templated, paired); older rows
+    only ``kind`` with the finer value."""
     kind = str(row.get("kind") or "")
-    if kind in EVIDENCE_KINDS:
+    if kind in EVIDENCE_KINDS or str(row.get("hypothesis_kind") or "") in EVIDENCE_KINDS:
         return None
     return "paired" if kind == "paired" else "mode"
 

@@ -271,7 +271,8 @@ def _rejected_section(g: Grouped) -> str:
     if not g.not_validated:
         return "<h2>Rejected hypotheses</h2><p>None.</p>"
     body = [[_decision(r.get("decision")), _side(r.get("direction")) + _described(str(r.get("text"))),
-             escape(str(r.get("kind") or DASH)), f"{r.get('cluster_id', DASH)}", _test_cell(r)]
+             escape(str(r.get("hypothesis_kind") or r.get("kind") or DASH)), f"{r.get('cluster_id', DASH)}",
+             _test_cell(r)]
             for r in g.not_validated]
     n_rej = sum(1 for r in g.not_validated if r.get("decision") == "rejected")
     return (f"<h2>Rejected hypotheses</h2><details><summary>{n_rej} rejected, {len(g.not_validated) - n_rej}"
@@ -333,7 +334,8 @@ def _ground_truth_section(view: RunView, g: Grouped) -> str:
         cell = ", ".join(f"<a href='#finding-{n}'>#{n}</a>" for n in nums) or "<i>no finding</i>"
         if other:
             cell += f" <span class='muted'>(+ {other} share statement{'s' if other > 1 else ''})</span>"
-        rows.append([escape(b), cell if ids else "<i>missed</i>"])
+        kind = escape(str((gt.get("planted_kinds") or {}).get(b, "")))
+        rows.append([escape(b), kind or DASH, cell if ids else "<i>missed</i>"])
     heads = [f for f in g.findings]
     matching = [f for f in heads if f.row.get("matched_behaviour")]
     line = (f"<p>precision <b>{fmt_num(prec)}</b> ({gt.get('n_validated_matching', DASH)} of"
@@ -342,7 +344,12 @@ def _ground_truth_section(view: RunView, g: Grouped) -> str:
     if heads:
         line += (f"<p class='muted'>Counted over findings only (share statements and mirrors left out): "
                  f"{len(matching)} of {len(heads)} findings match a planted behaviour.</p>")
-    return "<h2>Ground truth (planted behaviours)</h2>" + line + _table(["behaviour", "found by"], rows)
+    per_kind = [f"{k}: precision {fmt_num(v.get('precision'))}, recall {fmt_num(v.get('recall'))}"
+                f" ({v.get('n_validated_matching', 0)} of {v.get('n_validated', 0)} validated match)"
+                for k, v in (gt.get("by_kind") or {}).items()]
+    if per_kind:
+        line += "<p class='muted'>By kind of finding: " + escape("; ".join(per_kind)) + ".</p>"
+    return "<h2>Ground truth (planted behaviours)</h2>" + line + _table(["behaviour", "kind", "found by"], rows)
 
 
 def _dead_letters(view: RunView) -> str:

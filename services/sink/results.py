@@ -28,6 +28,7 @@ from services.stats.sequential import newcombe_diff_interval
 RESULT_SCHEMA = pa.schema([
     ("rank", pa.int64()), ("hypothesis_id", pa.string()), ("candidate_id", pa.string()),
     ("cluster_id", pa.int64()), ("direction", pa.string()), ("text", pa.string()), ("kind", pa.string()),
+    ("hypothesis_kind", pa.string()),
     ("labeler", pa.string()), ("keywords", pa.list_(pa.string())),
     ("decision", pa.string()), ("tier", pa.string()), ("tier_index", pa.int64()), ("tier_path", pa.string()),
     ("auc", pa.float64()), ("auc_lo", pa.float64()), ("auc_hi", pa.float64()),
@@ -142,7 +143,8 @@ def _result_row(h: Hypothesis, vals: Sequence[Validation], state: RunState) -> d
     diff = share_difference(cand, state.totals_by_seq)
     return {
         "rank": 0, "hypothesis_id": h.hypothesis_id, "candidate_id": h.candidate_id,
-        "cluster_id": h.cluster_id, "direction": h.direction, "text": h.text, "kind": h.kind,
+        "cluster_id": h.cluster_id, "direction": h.direction, "text": h.text,
+        "kind": finding_kind_of(h), "hypothesis_kind": h.kind,
         "labeler": h.labeler, "keywords": list(h.keywords), "decision": decision,
         "tier_path": ">".join(f"{x.tier}:{x.decision}" for x in vals),
         **_validation_fields(v, decision),
@@ -155,6 +157,12 @@ def _result_row(h: Hypothesis, vals: Sequence[Validation], state: RunState) -> d
         "proposed_at": h.created_at, "matched_behaviour": None, "match_score": None,
         "purity_behaviour": None, "purity": None, "mirror_of": None,
     }
+
+
+def finding_kind_of(h: Hypothesis) -> str:
+    """A row's ``kind``: ``paired`` (how both models answer the same prompts) or ``mode`` (a
+    cluster one model fills); ``hypothesis_kind`` keeps the finer kind (contrastive, templated)."""
+    return "paired" if h.kind == "paired" else "mode"
 
 
 def is_finding_row(row: Mapping[str, Any]) -> bool:

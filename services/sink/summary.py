@@ -63,6 +63,8 @@ def build_summary(experiment_id: str, state: RunState, texts: TextStats, emb: tu
         "hypotheses": len(rows),
         "decisions": dict(Counter(r["decision"] for r in rows)),
         "validated": [r["text"] for r in validated],
+        # findings by kind: mode (a cluster one model fills) and paired (how both answer the same prompts)
+        "validated_by_kind": {k: sum(1 for r in validated if r.get("kind") == k) for k in ("mode", "paired")},
         "bh_discoveries": sum(1 for r in rows if r["bh_rejected"]),
         "dead_letters": {"total": sum(dl.values()), "by_topic": dict(dl)},
         "timings": {

@@ -14,7 +14,9 @@ Error control: each tier runs LORD++ at alpha / n_tiers over the stream of hypot
 needs its cluster's share test to have passed (the candidate exists only then), so under "no
 difference" the chance of any validated finding is at most the clusterer's alpha.  LORD++ state
 and every decision live in Redis, so a re-delivered hypothesis gets the same decision and never
-spends alpha twice.  Every hypothesis, whatever its ``kind``, is decided on its held-out texts: the
+spends alpha twice.  A paired hypothesis (``kind: paired``) is scored by its own scorer on held-out
+pairs and decided by a paired test through the same LORD++ stream (services/validator/paired_tier.py).
+Every hypothesis, whatever its ``kind``, is decided on its held-out texts: the
 cluster's share test made it a candidate, but a share statement is not a finding (nothing in a
 message can stand in for the held-out test).  The held-out texts themselves are taken from the
 generator's text store by id, never from the message (services/validator/trusted.py): unknown ids,
@@ -37,6 +39,7 @@ from services.core.text_store import TextStore
 from services.core.topics import escalation_topic
 from services.stats.auc import auc_test
 from services.stats.fdr import LordPlusPlus
+from services.validator.paired_tier import PairedTier, decide_paired_hypothesis
 from services.validator.tiers import Tier, TierDeps, TierScores, split_refs
 from services.validator.trusted import trusted_holdout
 
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from services.embedder.cache import EmbeddingCache
     from services.embedder.encoder import Encoder
     from services.llm.client import LLMClient
+    from services.paired.scorers import PairScores
 
 MIN_PER_SIDE = 5
 
@@ -69,6 +73,7 @@ class ValidatorService(Service):
         super().__init__(ctx)
         self.redis: Redis | None = None
         self.tier: Tier | None = None
+        self.paired: PairedTier | None = None
 
     @classmethod
     def instances(cls, ctx: ServiceContext) -> list[Service]:
@@ -110,6 +115,8 @@ class ValidatorService(Service):
         self.k_decided = f"{ns}:decided:{exp}:{tier}"
         self.store = TextStore(self.redis, self.cfg, exp)
         self.tier = await self._make_tier()
+        self.paired = PairedTier(self.cfg, self.tier_cfg, lambda: self.ctx.resources.encoder(self.cfg.embedder),
+                                 lambda: self._llm_client(self.cfg.paired.llm) if self.cfg.paired.llm else None)
         self.m_dec = self.metrics.counter("validator_decisions_total", "Decisions per tier", ["tier", "decision"])
         self.m_calls = self.metrics.counter("validator_scorer_calls_total", "Scorer calls (LLM calls for LLM tiers)",
                                             ["tier"])
@@ -158,23 +165,33 @@ class ValidatorService(Service):
         """This tier's online-FDR rule in its initial state: LORD++ at alpha / n_tiers."""
         return LordPlusPlus(self.cfg.validator.alpha / self.n_tiers)
 
-    def decide(self, h: Hypothesis, scores: TierScores, lord: LordPlusPlus) -> Validation:
+    def decide(self, h: Hypothesis, scores: TierScores | PairScores, lord: LordPlusPlus) -> Validation:
         """The pure decision, no I/O: AUC of the held-out texts' scores + LORD++.
 
         ``lord`` is advanced in place.  Shared with the in-process harness (services/harness.py),
-        so statistics tests exercise exactly the service's decision code.
+        so statistics tests exercise exactly the service's decision code.  A paired hypothesis is
+        decided by the paired test (services/validator/paired_tier.py).
         """
+        if h.kind == "paired":
+            return decide_paired_hypothesis(h, scores, lord, self.cfg, self.tier_cfg, self.tier_index,  # type: ignore[arg-type]
+                                            self.is_last)
         return self._auc_decision(h, scores, lord)
 
-    def _record_metrics(self, v: Validation, scores: TierScores) -> Validation:
+    def _record_metrics(self, v: Validation, scores: TierScores | PairScores) -> Validation:
         self.m_dec.labels(self.tier_cfg.name, v.decision).inc()
         self.m_calls.labels(self.tier_cfg.name).inc(scores.calls)
         self.m_cost.labels(self.tier_cfg.name).inc(scores.cost_usd)
         return v
 
-    async def _score(self, h: Hypothesis) -> TierScores:
+    async def _score(self, h: Hypothesis) -> TierScores | PairScores:
         """Scores of the held-out texts the text store vouches for (none looked up for a tier that
         reads none); with too few of them nothing is scored and nothing spent."""
+        if h.kind == "paired":  # both answers of each held-out pair, as the store has them
+            assert self.paired is not None
+            trusted = await trusted_holdout(h, self.store, self.cfg)
+            paired = await self.paired.score(h, trusted.texts)
+            paired.notes = trusted.notes()
+            return paired
         if not self.tier.reads_holdout:
             return await self.tier.score(h, [], [])
         trusted = await trusted_holdout(h, self.store, self.cfg)
@@ -219,6 +236,8 @@ class ValidatorService(Service):
     async def teardown(self) -> None:
         if self.tier is not None:
             await self.tier.aclose()
+        if self.paired is not None:
+            await self.paired.aclose()
         if self.redis is not None:
             await self.redis.aclose()
 

@@ -169,6 +169,9 @@ class HypothesizerConfig(Strict):
 class PairedConfig(Strict):
     """Paired contrasts (services/paired): how the two models answer the *same* prompt differently."""
 
+    # on by default: a fine-tune, RLHF stage or system prompt mostly changes *how* every prompt is
+    # answered, which the cluster share path (modes) cannot see
+    enabled: bool = True
     label_fraction: float = Field(default=0.3, gt=0, lt=1)  # pairs shown to proposers; the rest validate
     min_effect: float = Field(default=0.55, gt=0.5, lt=1)  # P(claimed side scores higher), ties half
     test: Literal["sign", "wilcoxon", "e-process"] = "sign"  # the held-out test that decides

@@ -38,6 +38,7 @@ from services.core.events.clustering import (
 from services.core.events.control import (
     ControlEvent,
     DeadLetter,
+    PairedRound,
 )
 from services.core.events.embedding import (
     EmbeddedText,
@@ -72,6 +73,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     Hypothesis,
     Validation,
     ControlEvent,
+    PairedRound,
     DeadLetter,
 )
 EVENTS_BY_TOPIC: Mapping[str, type[Event]] = {e.topic: e for e in EVENT_TYPES}
@@ -97,6 +99,7 @@ __all__ = [
     "GenerationReport",
     "GenerationRequest",
     "Hypothesis",
+    "PairedRound",
     "PromptRef",
     "Role",
     "TextRef",

@@ -19,7 +19,9 @@ class ControlEvent(Event):
     topic: ClassVar[str] = "control"
     type: ClassVar[str] = "autointerv.experiment.control"
 
-    kind: Literal["round_closed", "finished"]
+    # stopping: generation has stopped (why: stopped_because); the round's texts are all produced,
+    # and services that propose from everything seen (paired contrasts) take their last turn
+    kind: Literal["round_closed", "stopping", "finished"]
     round: int
     expected_texts: int = 0  # texts produced in rounds <= round (round_closed)
     force: bool = False  # round_closed after a timeout: snapshot now, whatever has arrived
@@ -30,6 +32,27 @@ class ControlEvent(Event):
 
     def event_id(self) -> str:
         return f"{self.experiment_id}:{self.kind}:{self.round}:{int(self.force)}"
+
+
+class PairedRound(Event):
+    """The paired-contrast service's answer to a closed sampling round: it has read the round's
+    texts and proposed (``hypothesis_ids``, possibly none) from every label pair so far.  The
+    controller settles a round only after this answer and the decisions of those hypotheses, and
+    ends the run only after the final answer (to ``stopping``), so a run never ends with paired
+    hypotheses still to come."""
+
+    topic: ClassVar[str] = "paired-rounds"
+    type: ClassVar[str] = "autointerv.paired.round"
+
+    round: int
+    final: bool = False  # the answer to ``stopping``: the last proposals, from every label pair
+    hypothesis_ids: list[str] = Field(default_factory=list)
+    label_pairs: int = 0  # label pairs the proposers saw (0: no proposal this round)
+    held_out_pairs: int = 0
+    created_at: float = Field(default_factory=time.time)
+
+    def event_id(self) -> str:
+        return f"{self.experiment_id}:paired-round:{self.round}:{int(self.final)}"
 
 
 class DeadLetter(Event):
