@@ -119,6 +119,9 @@ CASES: dict[str, Case] = {
     "clusterer": Case(shipped("clusterer"), timed=CLUSTERER_TIMED, batch_sizes=(5, 33)),
     "hypothesizer": Case(shipped("hypothesizer")),
     "validator": Case(shipped("validator")),
+    # its pairs and proposed ids live in memory (services/paired/service.py): a restarted paired
+    # service proposes again only from the pairs it sees next, so its state check is skipped
+    "paired": Case(shipped("paired"), skip=("state",)),
     "sink": Case(shipped("sink", texts=300), files=True, batch_sizes=(7,)),
     "example:echo_backend": Case(echo_generator),
     "example:phrase_tier": Case(phrase_validator),

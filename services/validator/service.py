@@ -25,6 +25,7 @@ label ids and label-split ids are dropped and counted, and too few trusted texts
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -190,8 +191,7 @@ class ValidatorService(Service):
             assert self.paired is not None
             trusted = await trusted_holdout(h, self.store, self.cfg)
             paired = await self.paired.score(h, trusted.texts)
-            paired.notes = trusted.notes()
-            return paired
+            return dataclasses.replace(paired, notes=trusted.notes())
         if not self.tier.reads_holdout:
             return await self.tier.score(h, [], [])
         trusted = await trusted_holdout(h, self.store, self.cfg)
