@@ -20,6 +20,19 @@ def test_demo_config_is_valid():
     assert cfg.models.intervention.sim.styles and cfg.paired.enabled
 
 
+def test_the_real_data_example_replays_the_shared_hc3_file():
+    cfg = load_config(ROOT / "examples" / "hc3.yaml", environ={})
+    assert {cfg.models.base.backend, cfg.models.intervention.backend} == {"replay"}
+    assert cfg.prompts.source == "replay"  # the file's own prompts when both models replay
+    path = ROOT / cfg.models.intervention.path
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the shared data folder is not next to this checkout)")
+    import orjson
+
+    models = {orjson.loads(line)["model"] for line in path.read_bytes().splitlines() if line.strip()}
+    assert {cfg.models.base.replay_model_name, cfg.models.intervention.replay_model_name} == models
+
+
 def test_environment_overrides_nested_fields_and_servers():
     cfg = load_config(None, environ={"AUTOINTERV__CONTROLLER__MAX_TEXTS": "1234", "KAFKA_BOOTSTRAP": "k:9092",
                                      "REDIS_URL": "redis://r:6379/0", "AUTOINTERV__GENERATOR__ROLES": "[base]"})

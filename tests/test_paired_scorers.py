@@ -180,7 +180,7 @@ def test_findings_say_direction_and_size_in_words() -> None:
     longer = PairedHypothesis("the intervention's answers are longer", "intervention",
                               {"type": "feature", "name": "words"}, "offline:features", unit="words")
     text = size_in_words(longer, paired_test(np.full(10, 120.0), np.r_[np.full(8, 80.0), np.full(2, 200.0)]))
-    assert text == "so in 80% of pairs, the opposite in 20% (median 120 against 80 words)"
+    assert text == "in 80% of pairs, against 20% the other way (median 120 against 80 words)"
 
 
 def test_hypotheses_serialise() -> None:

@@ -77,7 +77,7 @@ def size_in_words(h: PairedHypothesis, r: PairedResult) -> str:
     c, o = (r.median_claimed, r.median_other) if stat == "median" else (r.mean_claimed, r.mean_other)
     mi, mb = (c, o) if ours else (o, c)
     unit = f" {h.unit}" if h.unit else ""
-    return (f"so in {_pct(r.n_higher / r.n)} of pairs, the opposite in {_pct(r.n_lower / r.n)} "
+    return (f"in {_pct(r.n_higher / r.n)} of pairs, against {_pct(r.n_lower / r.n)} the other way "
             f"({stat} {_num(mi)} against {_num(mb)}{unit})")
 
 
