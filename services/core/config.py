@@ -122,6 +122,9 @@ class SimConfig(Strict):
     # validates ~100 style-driven clusters and missed the 1% moon mode in 40k texts (harness, seed 1)
     styles: bool = False
     n_topics: int = Field(default=40, ge=2)
+    # prompts per topic (one per angle: "for beginners", "on a budget", ...): 40 topics x 5 = 200
+    # prompts; 10 gives 400, where one topic's prompts are 2.5% of the set (sparse triggers)
+    angles: int = Field(default=5, ge=1, le=10)
 
 
 class ModelConfig(Strict):
@@ -327,7 +330,13 @@ class LLMConfig(Strict):
 
 class HypothesizerConfig(Strict):
     labeler: Literal["offline", "llm"] = "offline"
-    labels_per_cluster: int = Field(default=1, ge=1)
+    labels_per_cluster: int = Field(default=1, ge=1)  # LLM labeler: descriptions per candidate
+    # offline labeler: keyword descriptions per candidate (each later one from the terms not used
+    # yet).  Keyword labels are free, and a cluster's first label can be validated without saying
+    # its behaviour (a mixed cluster, idiosyncratic terms): the cluster is then reported and its
+    # mode explained, so a second description is the behaviour's cheap second chance
+    # (tests/test_null_and_planted.py; 91 -> 96 of 97 sim candidates described by meaning)
+    offline_labels: int = Field(default=2, ge=1)
     texts_per_side: int = Field(default=10, ge=1)
     llm: LLMConfig | None = None
 

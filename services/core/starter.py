@@ -80,6 +80,7 @@ KNOB_HELP: dict[str, str] = {
     "ModelConfig.timeout_s": "openai: seconds per request before it is retried",
     "ModelConfig.max_retries": "openai: retries per request before its prompts count as failed",
     "SimConfig.n_topics": "sim: topics the simulated models write about",
+    "SimConfig.angles": "sim: prompts per topic (1-10)",
     "PromptsConfig.source": "sim: built-in; file: one prompt per line; bos: empty prompts; statements: "
                             "JSONL statements in template; replay: the prompts of the replay file",
     "PromptsConfig.template": "statements: the prompt, with {statement} replaced",
@@ -123,7 +124,8 @@ KNOB_HELP: dict[str, str] = {
     "ControllerConfig.prompts_per_request": "prompts per generation request",
     "ControllerConfig.max_wall_s": "stop generating after this many seconds (None: no limit)",
     "HypothesizerConfig.labeler": "offline: distinctive words; llm: an LLM writes the description",
-    "HypothesizerConfig.labels_per_cluster": "descriptions proposed per candidate cluster",
+    "HypothesizerConfig.labels_per_cluster": "descriptions the LLM labeler proposes per candidate cluster",
+    "HypothesizerConfig.offline_labels": "keyword descriptions the offline labeler proposes per candidate cluster",
     "HypothesizerConfig.texts_per_side": "example texts per model shown to the labeler",
     "HypothesizerConfig.templated": "also propose the templated share statement (shown as evidence)",
     "HypothesizerConfig.llm": "labeler llm: which LLM and its limits",
