@@ -52,7 +52,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.experiments import ExperimentResult, run, sim_config
+from bench.experiments import ExperimentResult, MatchByMeaning, run, sim_config
 from services.controller.contrast import ContrastView
 from services.controller.policy import SamplingPolicy
 from services.controller.service import ControllerService
@@ -171,7 +171,7 @@ def nmi_vs_batch(r: ExperimentResult, max_rows: int, seed: int) -> tuple[float |
 
 def run_one(strategy: str, seed: int, resources: Resources, encoder: str, cap: int, nmi_rows: int,
             controller: dict[str, object] | None = None, clusterer: dict[str, object] | None = None,
-            sim: dict[str, object] | None = None) -> Run:
+            sim: dict[str, object] | None = None, matcher: MatchByMeaning | None = None) -> Run:
     t = time.perf_counter()
     # stop_when_stable off: the question is texts-until-found, so neither strategy may stop early
     embedder = {"backend": "torch"} if encoder == "minilm" else {}
@@ -180,7 +180,8 @@ def run_one(strategy: str, seed: int, resources: Resources, encoder: str, cap: i
                      controller={"stop_when_stable": False, **(controller or {})}, clusterer=clusterer or {},
                      embedder=embedder, models={"base": model, "intervention": model})
     replace = {"controller": oracle_controller(cfg.models.intervention.sim)} if strategy == "oracle" else None
-    r = run(cfg, until_all_found=True, keep_vectors=nmi_rows > 0, resources=resources, replace=replace)
+    r = run(cfg, until_all_found=True, keep_vectors=nmi_rows > 0, resources=resources, replace=replace,
+            matcher=matcher)
     seconds = time.perf_counter() - t
     texts = max(r.found_at.values()) if r.all_found else r.texts
     nmi, ref = nmi_vs_batch(r, nmi_rows, seed) if nmi_rows > 0 else (None, None)
@@ -240,7 +241,8 @@ def per_behaviour(results: dict[str, list[Run]], sim: SimConfig, cap: int) -> di
     return out
 
 
-def run_scenario(name: str, args: argparse.Namespace, resources: Resources) -> tuple[dict[str, list[Run]], SimConfig]:
+def run_scenario(name: str, args: argparse.Namespace, resources: Resources,
+                 matcher: MatchByMeaning) -> tuple[dict[str, list[Run]], SimConfig]:
     sim_opts = scenario_sim(name, args.sparse_scale)
     sim = SimConfig(**sim_opts)  # type: ignore[arg-type]
     cap = args.max_texts if name == "default" else args.sparse_max_texts
@@ -249,13 +251,15 @@ def run_scenario(name: str, args: argparse.Namespace, resources: Resources) -> t
     results: dict[str, list[Run]] = {}
     controller = {k: v for k, v in (("initial_texts", args.initial_texts),
                                      ("round_texts", args.round_texts)) if v is not None}
-    clusterer = ({"k_initial": args.k_initial, "warmup": 20 * args.k_initial}
-                 if args.k_initial is not None else {})
+    clusterer: dict[str, object] = ({"k_initial": args.k_initial, "warmup": 20 * args.k_initial}
+                                    if args.k_initial is not None else {})
+    if args.min_cluster_texts is not None:
+        clusterer["min_cluster_texts"] = args.min_cluster_texts
     for strategy in args.strategies.split(","):
         runs = []
         for seed in range(args.seeds):
             one = run_one(strategy, seed, resources, args.encoder, cap, args.nmi_rows if name == "default" else 0,
-                          controller, clusterer, sim_opts)
+                          controller, clusterer, sim_opts, matcher)
             runs.append(one)
             found = " ".join(f"{b}@{n:,}" for b, n in sorted(one.found_at.items(), key=lambda kv: kv[1]))
             nmi = f"{one.nmi:.3f} (batch/batch {one.nmi_ref:.3f})" if one.nmi is not None else "-"
@@ -282,13 +286,16 @@ def main() -> None:
     ap.add_argument("--round-texts", type=int, default=None, help="controller.round_texts for every strategy")
     ap.add_argument("--k-initial", type=int, default=None,
                     help="clusterer.k_initial for every strategy (warm-up scales to 20 texts per cluster)")
+    ap.add_argument("--min-cluster-texts", type=int, default=None,
+                    help="clusterer.min_cluster_texts for every strategy (default: the config default)")
     args = ap.parse_args()
     resources = make_resources(args.encoder)
+    matcher = MatchByMeaning()  # one MiniLM for every run's ground truth
     print("found = a finding validated on held-out texts whose text says that behaviour; texts = both roles")
     lines: list[str] = []
     specific_ratios: list[float] = []
     for name in args.scenarios.split(","):
-        results, sim = run_scenario(name, args, resources)
+        results, sim = run_scenario(name, args, resources, matcher)
         cap = args.max_texts if name == "default" else args.sparse_max_texts
         ratios = per_behaviour(results, sim, cap)
         meds = {}
