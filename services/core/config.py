@@ -234,6 +234,9 @@ class ClustererConfig(Strict):
     vector_reservoir_size: int = Field(default=64, ge=8)  # per cluster: 2-means splits, quality
     global_reservoir_size: int = Field(default=500, ge=10)  # per role, holdout only: pads negatives
     max_splits_per_check: int = Field(default=4, ge=1)  # growth: splits per split_every texts
+    # share of k_max that splits by size alone may not use: kept for splits where the two models
+    # part and for reported clusters that regrew (services/clusterer/growth.py)
+    parting_reserve: float = Field(default=0.25, ge=0, lt=1)
     # growth: a reported cluster is split again once its own texts reach this multiple of its size
     # when reported (and resplit_min_size): it may have gone on to collect a second difference
     resplit_growth: float = Field(default=1.5, gt=1)

@@ -101,6 +101,7 @@ KNOB_HELP: dict[str, str] = {
     "EmbedderConfig.max_wait_ms": "longest a partial batch waits for more texts",
     "EmbedderConfig.normalize": "unit-length vectors (cosine geometry)",
     "EmbedderConfig.threads": "torch CPU threads (None: library default)",
+    "ClustererConfig.parting_reserve": "share of k_max kept for splits where the two models part",
     "ClustererConfig.engine": "minibatch: scikit-learn MiniBatchKMeans; river: river's streaming k-means",
     "ClustererConfig.k_initial": "clusters of the first fit",
     "ClustererConfig.k_max": "clusters at most, after splits",
