@@ -490,3 +490,28 @@ def test_null_family_wise_error_over_many_seeds() -> None:
         alarms += any(r.candidates for r in feed(st, X, roles, text_ids(rng, n), batch=256)) or bool(
             st.checkpoint().candidates)
     assert alarms <= 2 * ALPHA * 100
+
+
+def test_size_splits_leave_the_reserve_of_k_max_to_splits_where_the_models_part() -> None:
+    """Near k_max, splits by size stop while a cluster whose two models' texts sit apart is still
+    split: a behaviour hidden in a cluster of its prompts' ordinary texts can always be carved out."""
+    from services.clusterer.growth import choose_splits
+    from services.core.config import ClustererConfig
+
+    rng = np.random.default_rng(0)
+    cfg = ClustererConfig(k_initial=4, k_max=20, parting_reserve=0.25, split_min_size=10, mixed_split_min_size=10)
+    half = rng.normal(size=(20, 8))
+    same = np.concatenate([half, half]).astype(np.float32)  # both roles' texts identical: no parting
+    apart = np.concatenate([rng.normal(size=(20, 8)), rng.normal(size=(20, 8)) + 3.0]).astype(np.float32)
+    roles = np.repeat(np.array([0, 1], np.int8), 20)
+    members = {0: (apart, roles)} | {c: (same, roles) for c in range(1, 20)}
+
+    def active(n: int) -> list[tuple[int, int, np.ndarray]]:
+        return [(c, 500 - c, members[c][0].mean(axis=0)) for c in range(n)]
+
+    def ids(n: int) -> list[int]:
+        return [c for c, _ in choose_splits(cfg, active(n), lambda c: members[c], [])]
+
+    assert 0 in ids(16) and ids(16) == [0]  # 16 active: size splits may not take the last 5 of 20
+    grown = ids(8)  # far from k_max: the parting split first, then the largest by size
+    assert grown[0] == 0 and len(grown) == cfg.max_splits_per_check

@@ -8,7 +8,8 @@ Growth from ``k_initial`` toward ``k_max`` runs every ``split_every`` texts and 
 2. clusters whose two roles' mean vectors sit apart (:func:`role_divergence`): a behaviour mixed
    into the ordinary texts of the same prompts keeps a cluster at a 50/50 share (generation is
    paired), so its share test cannot fire until the behaviour has its own cluster;
-3. the largest by estimated SSE.
+3. the largest by estimated SSE, while more than ``parting_reserve`` of ``k_max`` is left (the
+   rest is kept for 1 and 2).
 
 Choosing splits with role labels does not bias the share tests, which count only texts assigned
 to the children after the split (``own`` counts).
@@ -80,7 +81,13 @@ def choose_splits(cfg: ClustererConfig, active: Iterable[tuple[int, int, np.ndar
     chosen = [cid for _, cid in sorted(regrowing, reverse=True)[:budget]]
     chosen += [cid for _, cid in sorted(mixed, reverse=True) if cid not in chosen][: max(1, budget // 2)]
     parting = set(chosen)
-    chosen += [cid for _, cid in sorted(sse, reverse=True) if cid not in chosen][: budget - len(chosen)]
+    # splits by size alone stop short of k_max: the last ``parting_reserve`` of it is kept for the
+    # splits above, which carve a behaviour out of the cluster that hides it.  Without the reserve,
+    # size splits filled k_max early on a wide prompt set, and a 1% behaviour that still shared a
+    # cluster with its prompts' ordinary texts stayed there for good (uniform, seed 2: moon not found
+    # in 40,000 texts; sparse triggers: one behaviour not found in 60,000)
+    sse_room = max(0, cfg.k_max - round(cfg.parting_reserve * cfg.k_max) - len(active) - len(chosen))
+    chosen += [cid for _, cid in sorted(sse, reverse=True) if cid not in chosen][: min(budget - len(chosen), sse_room)]
     return [(cid, cid in parting) for cid in chosen[:budget]]
 
 

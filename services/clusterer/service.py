@@ -27,14 +27,15 @@ Faults:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import orjson
 from aiokafka import TopicPartition
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from services.clusterer.pairing import PairBuffer
 from services.clusterer.state import ClusterState, CorruptStateError, IngestResult
@@ -55,6 +56,7 @@ class ClustererService(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
+        self._pools: ThreadpoolController | None = None  # created at the first batch (a library scan)
         self.redis: Redis | None = None
         self.barrier: ControlEvent | None = None  # the latest RoundClosed not yet answered
         self.n_orphans = 0  # texts dropped at a barrier: their pair partner was never produced
@@ -129,6 +131,17 @@ class ClustererService(Service):
                 delay = min(2 * delay, SAVE_RETRY_MAX_S)
 
     # ------------------------------------------------------------------ consuming
+    def _thread_limits(self) -> contextlib.AbstractContextManager[Any]:
+        """Cap OpenMP/BLAS threads for one batch (BLAS threads spin against torch's on few cores).
+        One library scan per service: ``threadpool_limits()`` rescans the loaded libraries on every
+        call (7 ms per batch in bench/pipeline.py's profile, on the event loop's thread)."""
+        threads = self.cfg.clusterer.threads
+        if threads is None:
+            return contextlib.nullcontext()
+        if self._pools is None:
+            self._pools = ThreadpoolController()
+        return self._pools.limit(limits=threads)
+
     async def handle(self, batch: list[Incoming]) -> None:
         items = []
         dim = self.state.dim
@@ -146,7 +159,7 @@ class ClustererService(Service):
                 continue
             items.append(ev)
         plan = self.pairs.plan(items, self.state.has_seen)
-        with threadpool_limits(self.cfg.clusterer.threads):  # BLAS threads spin against torch's on few cores
+        with self._thread_limits():  # BLAS threads spin against torch's on few cores
             res = self.state.ingest(plan.ready)  # raises before changing the state on a bad text
         self.pairs.commit(plan)  # only now: a failed batch is retried on the buffer it saw
         self.m_pending.labels(self.name).set(len(self.pairs))
@@ -168,7 +181,7 @@ class ClustererService(Service):
     async def checkpoint(self) -> None:
         """Publish what is due at the current stream position: call at a barrier (a sampling round
         completely ingested), since checks otherwise run only every ``check_every`` texts."""
-        with threadpool_limits(self.cfg.clusterer.threads):
+        with self._thread_limits():
             res = self.state.checkpoint()
         await self._publish(res)
 
@@ -243,7 +256,7 @@ class ClustererService(Service):
                 await self.commit(offsets)
 
     async def _emit_snapshot(self, barrier_round: int | None = None) -> None:
-        with threadpool_limits(self.cfg.clusterer.threads):
+        with self._thread_limits():
             snap = self.state.snapshot()
         snap.barrier_round, snap.n_arrived, snap.n_orphans = barrier_round, self.n_arrived, self.n_orphans
         snap.n_candidates, snap.n_uncertainty = self.state.n_candidates, self.n_uncertainty

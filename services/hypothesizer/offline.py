@@ -89,7 +89,9 @@ def describe(direction: str, other: str, keywords: list[str], example: str | Non
     if not keywords:
         return f"The {direction} model writes texts unlike the {other} model's in this cluster."
     listed = ", ".join(f"“{k}”" for k in keywords[:-1]) + (" and " if len(keywords) > 1 else "") + f"“{keywords[-1]}”"
-    text = f"Compared with the {other} model, the {direction} model more often writes texts mentioning {listed}."
+    # the claim first and in few words: a frame longer than the keywords drowned them when the claim
+    # is compared by meaning (ground truth matched 80 of 97 sim candidates' labels, 91 in this form)
+    text = f"More often than the {other} model, the {direction} model mentions {listed}."
     if example:
         snippet = example if len(example) <= 140 else example[:137].rsplit(" ", 1)[0] + "…"
         text += f"{EXAMPLE_MARKER}“{snippet}”"

@@ -2,7 +2,8 @@
 
 For each candidate it writes contrastive labels from the *label split* of the cluster's texts
 only (the held-out split travels along untouched, for validators), several per cluster when
-``labels_per_cluster > 1`` (each later label is asked for a pattern not covered yet).  Only
+``labels_per_cluster > 1`` (each later label is asked for a pattern not covered yet; the offline
+labeler proposes ``offline_labels``, each from the distinctive terms not used yet).  Only
 described hypotheses are emitted: the cluster's share statement is evidence the sink shows beside
 the findings of that cluster (computed from the candidate), never a hypothesis of its own, because
 a finding is a description proven on held-out texts.  The offline labeler needs no key; the LLM
@@ -54,7 +55,8 @@ class HypothesizerService(Service):
         terms = distinctive_terms(target, contrast)
         out: list[Hypothesis] = []
         used: set[str] = set()
-        n = self.cfg.hypothesizer.labels_per_cluster
+        hc = self.cfg.hypothesizer
+        n = hc.labels_per_cluster if self.llm is not None else hc.offline_labels
         previous: list[str] = []
         for i in range(n):
             keywords = label_keywords(terms, exclude=used)

@@ -42,6 +42,9 @@ class SimConfig(Strict):
     # validates ~100 style-driven clusters and missed the 1% moon mode in 40k texts (harness, seed 1)
     styles: bool = False
     n_topics: int = Field(default=40, ge=2)
+    # prompts per topic (one per angle: "for beginners", "on a budget", ...): 40 topics x 5 = 200
+    # prompts; 10 gives 400, where one topic's prompts are 2.5% of the set (sparse triggers)
+    angles: int = Field(default=5, ge=1, le=10)
 
 
 class BackendConfig(Strict):

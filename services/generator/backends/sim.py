@@ -147,7 +147,9 @@ DEFAULT_STYLES: list[PlantedBehaviour] = [
         meta={"direction": "intervention", "position": "middle", "features": ["hedges"]}),
 ]
 
-ANGLES = ["for beginners", "on a budget", "for a busy week", "that most people get wrong", "in winter"]
+# the first five are the default set's (sim.angles = 5); more angles give more prompts per topic
+ANGLES = ["for beginners", "on a budget", "for a busy week", "that most people get wrong", "in winter",
+          "for a family", "for an expert", "in one paragraph", "with a personal story", "for a first-timer"]
 
 
 @dataclass(frozen=True)
@@ -158,19 +160,20 @@ class SimPrompt:
 
 
 @cache
-def _prompt_table(n_topics: int) -> tuple[SimPrompt, ...]:
+def _prompt_table(n_topics: int, angles: int = 5) -> tuple[SimPrompt, ...]:
     topics = list(TOPICS)[: max(2, min(n_topics, len(TOPICS)))]
     out = []
     for topic in topics:
-        for angle in ANGLES:
+        for angle in ANGLES[: max(1, min(angles, len(ANGLES)))]:
             text = f"Write a short note about {topic.replace('_', ' ')} {angle}."
             out.append(SimPrompt(stable_id("sim", text), text, topic))
     return tuple(out)
 
 
 def sim_prompts(cfg: PromptsConfig, sim: SimConfig | None = None) -> list[PromptRef]:
-    """The sim prompt set: every topic with five angles (200 prompts with the default 40 topics)."""
-    table = _prompt_table((sim or SimConfig()).n_topics)
+    """The sim prompt set: every topic with ``sim.angles`` angles (200 prompts by default)."""
+    sim = sim or SimConfig()
+    table = _prompt_table(sim.n_topics, sim.angles)
     refs = [PromptRef(prompt_id=p.prompt_id, text=p.text) for p in table]
     return refs[: cfg.limit] if cfg.limit else refs
 
@@ -198,7 +201,7 @@ class SimBackend(GenerationBackend):
         planted = behaviours_for(self.sim) if role == "intervention" else []
         self.behaviours = [b for b in planted if b.kind == "mode"]
         self.styles = [b for b in planted if b.kind == "style"]
-        self._by_id = {p.prompt_id: p for p in _prompt_table(self.sim.n_topics)}
+        self._by_id = {p.prompt_id: p for p in _prompt_table(self.sim.n_topics, self.sim.angles)}
         self._topics = sorted({p.topic for p in self._by_id.values()})
 
     def topic_of(self, task: GenerationTask) -> str:
