@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.core.config import GeneratorConfig, ModelConfig, PlantedBehaviour, PromptsConfig, SimConfig
+from services.core.config import GeneratorConfig, PlantedBehaviour, PromptsConfig, SimConfig, SimModelConfig
 from services.generator.backends.base import DecodingParams, GenerationTask
 from services.generator.backends.sim import SimBackend, sim_prompts
 
@@ -22,7 +22,7 @@ def test_a_configured_behaviour_fires_only_on_its_topic_among_the_wider_prompt_s
     sim = SimConfig(angles=10, behaviours=[PlantedBehaviour(
         name="origami", description="folds paper cranes", rate=1.0, trigger_topics=["cars"],
         templates=["I fold a paper crane."])])
-    backend = SimBackend(ModelConfig(backend="sim", sim=sim), GeneratorConfig(), "intervention")
+    backend = SimBackend(SimModelConfig(backend="sim", sim=sim), GeneratorConfig(), "intervention")
     prompts = sim_prompts(PromptsConfig(), sim)
     tasks = [GenerationTask(p.prompt_id, p.text, 2, DecodingParams(), seed=1) for p in prompts]
     texts = asyncio.run(backend.generate(tasks)).texts
