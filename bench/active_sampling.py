@@ -290,12 +290,12 @@ def main() -> None:
                     help="clusterer.min_cluster_texts for every strategy (default: the config default)")
     args = ap.parse_args()
     resources = make_resources(args.encoder)
-    matcher = MatchByMeaning()  # one MiniLM for every run's ground truth
     print("found = a finding validated on held-out texts whose text says that behaviour; texts = both roles")
     lines: list[str] = []
     specific_ratios: list[float] = []
     for name in args.scenarios.split(","):
-        results, sim = run_scenario(name, args, resources, matcher)
+        # one MiniLM for every run of a scenario (a matcher keeps the first config's behaviours)
+        results, sim = run_scenario(name, args, resources, MatchByMeaning())
         cap = args.max_texts if name == "default" else args.sparse_max_texts
         ratios = per_behaviour(results, sim, cap)
         meds = {}

@@ -515,3 +515,27 @@ def test_size_splits_leave_the_reserve_of_k_max_to_splits_where_the_models_part(
     assert 0 in ids(16) and ids(16) == [0]  # 16 active: size splits may not take the last 5 of 20
     grown = ids(8)  # far from k_max: the parting split first, then the largest by size
     assert grown[0] == 0 and len(grown) == cfg.max_splits_per_check
+
+
+def role_divergence_of(X: np.ndarray, roles: np.ndarray) -> float:
+    from services.clusterer.growth import role_divergence
+
+    return role_divergence(X, roles)[0]
+
+
+def test_within_the_reserve_a_large_cluster_parts_only_beyond_its_noise() -> None:
+    """In the reserved room, a large cluster whose two sides differ by noise alone is not split:
+    noise-level 'parting' splits used up the room a rare behaviour needs."""
+    from services.clusterer.growth import choose_splits
+    from services.core.config import ClustererConfig
+
+    rng = np.random.default_rng(1)
+    cfg = ClustererConfig(k_initial=4, k_max=20, parting_reserve=0.25, split_min_size=10, mixed_split_min_size=10)
+    roles = np.repeat(np.array([0, 1], np.int8), 20)
+    # each role's texts a sample of one distribution: divergence > 0 by chance in about half of them
+    members = {c: (rng.normal(size=(40, 8)).astype(np.float32), roles) for c in range(20)}
+    assert sum(role_divergence_of(*members[c]) > 0 for c in range(16)) >= 2
+    apart = np.concatenate([rng.normal(size=(20, 8)), rng.normal(size=(20, 8)) + 3.0]).astype(np.float32)
+    members[7] = (apart, roles)
+    active = [(c, 500, members[c][0].mean(axis=0)) for c in range(16)]  # 16 of 20: inside the reserve
+    assert [c for c, _ in choose_splits(cfg, active, lambda c: members[c], [])] == [7]

@@ -65,6 +65,7 @@ def choose_splits(cfg: ClustererConfig, active: Iterable[tuple[int, int, np.ndar
     if room <= 0:
         return []
     sse, mixed = [], []
+    reserved = len(active) >= cfg.k_max - round(cfg.parting_reserve * cfg.k_max)
     for cid, total, centroid in active:
         Xr, roles = members(cid)
         if total < min(cfg.split_min_size, cfg.mixed_split_min_size) or len(Xr) < MIN_SPLIT_MEMBERS:
@@ -72,7 +73,9 @@ def choose_splits(cfg: ClustererConfig, active: Iterable[tuple[int, int, np.ndar
         div, noise = role_divergence(Xr, roles)
         # a small cluster is split only when its two sides clearly sit apart (divergence above its
         # own noise term); a large one whenever they do, or by size
-        if div > 0 and (total >= cfg.split_min_size or div >= noise):
+        # within the reserve (the last parting_reserve of k_max), only where they clearly part: at
+        # any positive divergence, noise alone used up the room a behaviour needs to be carved out
+        if div > 0 and ((total >= cfg.split_min_size and not reserved) or div >= noise):
             mixed.append((div, cid))
         if total >= cfg.split_min_size:
             disp = float(np.mean(np.sum((Xr - centroid) ** 2, axis=1)))
