@@ -46,12 +46,16 @@ def default_redis_url() -> str:
 def sim_config(*, seed: int = 0, null: bool = False, strategy: str = "active", max_texts: int = 20000,
                **sections: Any) -> Config:
     """A sim experiment for tests and benchmarks (hashing embedder, no metrics endpoint, no live
-    progress, a fresh experiment id and key namespace per call); ``sections`` merge over it."""
+    progress, a fresh key namespace, topic prefix and run directory per call); ``sections`` merge
+    over it.  The experiment id is a function of the seed, the null flag and the strategy only:
+    request, text and pair ids derive from it, and so do the memory bus's partitions and the label
+    split, so the same arguments give the same run every time (a random id made runs of one seed
+    differ in the order texts arrive, and a statistics test pass or fail by the draw)."""
     sim = {"backend": "sim", "sim": {"identical": null}}
     run = uuid.uuid4().hex[:8]
     over: dict[str, Any] = {
-        "experiment": {"name": "bench", "id": f"bench-{seed}-{'null' if null else 'planted'}-{run}", "seed": seed,
-                       "run_dir": "/tmp/autointerv-bench-runs"},
+        "experiment": {"name": "bench", "id": f"bench-{seed}-{'null' if null else 'planted'}-{strategy}",
+                       "seed": seed, "run_dir": f"/tmp/autointerv-bench-runs/{run}"},
         "bus": {"topic_prefix": f"b-{run}"},
         # a key namespace of its own (cleaned after the run); no vector cache: the hashing encoder is
         # faster than a Redis round trip, and thousands of runs would fill Redis with vectors
