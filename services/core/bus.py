@@ -148,7 +148,12 @@ class Producer(EventProducer):
         self._started = False
 
     async def start(self) -> None:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:  # never leave a half-started producer to the garbage collector
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._producer.stop(), self.request_timeout_s)
+            raise
         self._started = True
 
     async def stop(self) -> None:

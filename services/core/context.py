@@ -63,8 +63,12 @@ class ServiceContext:
     bus: Bus = None  # type: ignore[assignment]  # None: a KafkaBus on ``bootstrap``
     clock: Clock = field(default_factory=SystemClock)
     resources: Resources = field(default_factory=Resources)
+    owns_bus: bool = field(default=False, init=False)  # True when __post_init__ made the bus
 
     def __post_init__(self) -> None:
+        # a bus made here belongs to this context, and the services that use it close it when they
+        # stop (a bus passed in belongs to its caller: the orchestrator closes it once, at the end)
+        self.owns_bus = self.bus is None
         if self.bus is None:
             self.bus = KafkaBus(self.cfg.bus, self.bootstrap, self.topics)
 

@@ -107,6 +107,9 @@ class ServiceLoop:
         finally:
             with contextlib.suppress(Exception):
                 await bounded(self.producer.stop(), min(limit, 5.0))
+            if self.ctx.owns_bus:  # its lag probe's connections, bounded by the bus
+                with contextlib.suppress(Exception):
+                    await self.bus.close()
             self._started = False
 
     async def _caught_up(self) -> bool:

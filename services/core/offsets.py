@@ -40,9 +40,9 @@ async def end_offsets(bootstrap: str, topics: Iterable[str], probe: AIOKafkaCons
     """
     own = probe is None
     consumer = probe or AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **(security or {}))
-    if own:
-        await consumer.start()
     try:
+        if own:
+            await consumer.start()
         parts: list[TopicPartition] = []
         for t in topics:
             for p in consumer.partitions_for_topic(t) or await _partitions(consumer, t):
@@ -102,13 +102,23 @@ class LagProbe:
         self.security = dict(security or {})
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
+        # a ping and a lag query can open at once: one consumer, and a failed start is stopped
+        # (either way an orphan would be left for the garbage collector: "Unclosed AIOKafkaConsumer")
+        self._opening = asyncio.Lock()
 
     async def _open(self) -> AIOKafkaConsumer:
-        if self._consumer is None:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, **self.security)
-            await consumer.start()
-            self._consumer = consumer
-        return self._consumer
+        async with self._opening:
+            if self._consumer is None:
+                consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                            **self.security)
+                try:
+                    await consumer.start()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await consumer.stop()
+                    raise
+                self._consumer = consumer
+            return self._consumer
 
     async def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
         return await end_offsets(self.bootstrap, topics, probe=await self._open())
@@ -119,10 +129,16 @@ class LagProbe:
 
     async def lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
         ends = await self.end_offsets(topics)
-        if self._admin is None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.security)
-            await admin.start()
-            self._admin = admin
+        async with self._opening:
+            if self._admin is None:
+                admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.security)
+                try:
+                    await admin.start()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await admin.close()
+                    raise
+                self._admin = admin
         committed = await self._admin.list_consumer_group_offsets(group_id, partitions=list(ends))
         return lags_of(ends, committed)
 
