@@ -10,6 +10,9 @@ package (every package would then sit in a cycle with its own submodules).
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx  # a dependency of torch, so always installed with the project
@@ -45,6 +48,24 @@ def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
 
 
 def import_graph(root: Path = ROOT) -> nx.DiGraph:
+    """The graph, built in this process; in a fresh interpreter when ``ast.parse`` fails here.
+
+    CPython 3.11.7 sometimes raises ``SystemError: AST constructor recursion depth mismatch`` from
+    ``ast.parse`` on valid code once an earlier test in the same process left the AST converter's
+    depth counter off (seen twice in full-suite runs, never alone).  The source is fine; only this
+    process's parser state is not, so the same walk runs again in a new one."""
+    try:
+        return _import_graph(root)
+    except SystemError:
+        out = subprocess.run([sys.executable, __file__, str(root)], capture_output=True, text=True, check=True)
+        data = json.loads(out.stdout)
+        graph = nx.DiGraph()
+        graph.add_nodes_from(data["nodes"])
+        graph.add_edges_from(map(tuple, data["edges"]))
+        return graph
+
+
+def _import_graph(root: Path) -> nx.DiGraph:
     mods = _modules(root)
     graph = nx.DiGraph()
     for name, (path, is_pkg) in mods.items():
@@ -94,3 +115,8 @@ def test_the_graph_sees_lazy_imports_and_skips_type_checking(tmp_path: Path) -> 
     graph = import_graph(tmp_path)
     assert set(graph.edges) == {("services.a", "services.b"), ("services.b", "services.a"),
                                 ("services.c", "services.b")}
+
+
+if __name__ == "__main__":  # the fresh interpreter import_graph falls back to
+    g = _import_graph(Path(sys.argv[1]))
+    print(json.dumps({"nodes": list(g.nodes), "edges": list(g.edges)}))
