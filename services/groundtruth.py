@@ -1,6 +1,6 @@
 """Ground-truth mode: score findings against the behaviours planted in the intervention model.
 
-One definition, used by the sink (summary.json, results), the in-process harness and benchmarks:
+One definition, used by the sink (summary.json, results) and the benchmarks' observer (bench/experiments.py):
 
 * **finding**: a hypothesis whose final decision is "validated" by a held-out test (an AUC on
   texts its labeler never saw; ``is_finding``).  A share statement is evidence, never a finding.

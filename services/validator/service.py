@@ -169,8 +169,8 @@ class ValidatorService(Service):
     def decide(self, h: Hypothesis, scores: TierScores | PairScores, lord: LordPlusPlus) -> Validation:
         """The pure decision, no I/O: AUC of the held-out texts' scores + LORD++.
 
-        ``lord`` is advanced in place.  Shared with the in-process harness (services/harness.py),
-        so statistics tests exercise exactly the service's decision code.  A paired hypothesis is
+        ``lord`` is advanced in place.  Benchmarks that call a tier directly (bench/cascade.py) and
+        the null tests use it too, so they exercise exactly the service's decision code.  A paired hypothesis is
         decided by the paired test (services/validator/paired_tier.py).
         """
         if h.kind == "paired":
