@@ -240,3 +240,14 @@ def test_run_prints_where_to_attach_with_the_password_masked():
     text = console.export_text()
     assert "127.0.0.1:41025" in text and "redis://autointerv:***@127.0.0.1:36115/0" in text
     assert "demo-1" in text and "pw-very-secret" not in text and "valkey/password" in text
+
+
+@pytest.mark.parametrize(("bind", "reach"), [("0.0.0.0", None), ("::", None), ("", None),
+                                             ("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("node7", "node7")])
+def test_a_published_endpoint_names_an_address_others_can_reach(bind: str, reach: str | None) -> None:
+    import socket
+
+    from services.core.endpoints import local_endpoint
+
+    ep = local_endpoint("e", "s", bind, 9464)
+    assert ep.url == f"http://{reach or socket.gethostname()}:9464"

@@ -10,6 +10,7 @@ died keeps its entry until the TTL, and ``status`` shows it as unreachable.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import time
@@ -50,10 +51,20 @@ def endpoints_key(namespace: str, experiment_id: str) -> str:
 def local_endpoint(experiment_id: str, service: str, bind_host: str, port: int) -> Endpoint:
     """The endpoint of this process: an address others can reach (the host name when bound to all)."""
     host = socket.gethostname()
-    reach = host if bind_host in ("0.0.0.0", "::", "") else bind_host
+    reach = host if _binds_every_interface(bind_host) else bind_host
     if ":" in reach:  # a literal IPv6 address
         reach = f"[{reach}]"
     return Endpoint(experiment_id, service, os.getpid(), host, f"http://{reach}:{port}", time.time())
+
+
+def _binds_every_interface(bind_host: str) -> bool:
+    """True for the wildcard addresses (IPv4's or IPv6's unspecified address, or an empty host)."""
+    if not bind_host:
+        return True
+    try:
+        return ipaddress.ip_address(bind_host).is_unspecified
+    except ValueError:  # a host name
+        return False
 
 
 async def publish_endpoint(redis: Any, cfg: Config, ep: Endpoint) -> None:

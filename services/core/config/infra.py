@@ -67,7 +67,7 @@ class CacheConfig(Strict):
 
 class ObservabilityConfig(Strict):
     metrics_port: int | None = 9464  # /metrics and /healthz; None disables; taken: a free port is used
-    metrics_host: str = "127.0.0.1"  # "0.0.0.0" exposes /metrics and /healthz beyond this host
+    metrics_host: str = "127.0.0.1"  # a wildcard address exposes /metrics and /healthz beyond this host
     stall_after_s: float = Field(default=60.0, gt=0)  # alive but no progress while lag > 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     progress: bool = True  # rich progress in the terminal
