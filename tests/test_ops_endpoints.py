@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -245,8 +246,6 @@ def test_run_prints_where_to_attach_with_the_password_masked():
 @pytest.mark.parametrize(("bind", "reach"), [("0.0.0.0", None), ("::", None), ("", None),
                                              ("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("node7", "node7")])
 def test_a_published_endpoint_names_an_address_others_can_reach(bind: str, reach: str | None) -> None:
-    import socket
-
     from services.core.endpoints import local_endpoint
 
     ep = local_endpoint("e", "s", bind, 9464)
