@@ -28,7 +28,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from services.core.config import BusConfig, ConfigError
 from services.core.events import Envelope, Event
-from services.core.offsets import LagProbe, PartitionLag, end_offsets, group_lag, lags_of
+from services.core.offsets import LagProbe, PartitionLag, end_offsets, group_lag, lags_of, start_cleanly
 from services.core.topics import ESCALATION_PREFIX, LOGICAL_TOPICS, Topics, escalation_topic
 
 __all__ = [
@@ -148,12 +148,7 @@ class Producer(EventProducer):
         self._started = False
 
     async def start(self) -> None:
-        try:
-            await self._producer.start()
-        except BaseException:  # never leave a half-started producer to the garbage collector
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._producer.stop(), self.request_timeout_s)
-            raise
+        await start_cleanly(self._producer, lambda: asyncio.wait_for(self._producer.stop(), self.request_timeout_s))
         self._started = True
 
     async def stop(self) -> None:

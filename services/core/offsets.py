@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +93,18 @@ async def group_lag(bootstrap: str, group_id: str, topics: Iterable[str],
         await probe.close()
 
 
+async def start_cleanly(client: Any, stop: Callable[[], Awaitable[Any]]) -> Any:
+    """``client`` started; a start that fails is stopped, never left half-open for the garbage
+    collector ("Unclosed AIOKafkaConsumer" at interpreter exit)."""
+    try:
+        await client.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await stop()
+        raise
+    return client
+
+
 class LagProbe:
     """A consumer (never in a group) and an admin client kept open for repeated lag queries:
     opening both per query cost two broker connections every ``generator.lag_check_s``."""
@@ -102,23 +114,13 @@ class LagProbe:
         self.security = dict(security or {})
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
-        # a ping and a lag query can open at once: one consumer, and a failed start is stopped
-        # (either way an orphan would be left for the garbage collector: "Unclosed AIOKafkaConsumer")
-        self._opening = asyncio.Lock()
 
     async def _open(self) -> AIOKafkaConsumer:
-        async with self._opening:
-            if self._consumer is None:
-                consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                            **self.security)
-                try:
-                    await consumer.start()
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        await consumer.stop()
-                    raise
-                self._consumer = consumer
-            return self._consumer
+        """The probe's consumer (callers serialise queries: KafkaBus holds one lock around them)."""
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, **self.security)
+            self._consumer = await start_cleanly(consumer, consumer.stop)
+        return self._consumer
 
     async def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
         return await end_offsets(self.bootstrap, topics, probe=await self._open())
@@ -129,16 +131,9 @@ class LagProbe:
 
     async def lag(self, group_id: str, topics: Iterable[str]) -> list[PartitionLag]:
         ends = await self.end_offsets(topics)
-        async with self._opening:
-            if self._admin is None:
-                admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.security)
-                try:
-                    await admin.start()
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        await admin.close()
-                    raise
-                self._admin = admin
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.security)
+            self._admin = await start_cleanly(admin, admin.close)
         committed = await self._admin.list_consumer_group_offsets(group_id, partitions=list(ends))
         return lags_of(ends, committed)
 
