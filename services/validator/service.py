@@ -186,15 +186,13 @@ class ValidatorService(Service):
 
     async def _score(self, h: Hypothesis) -> TierScores | PairScores:
         """Scores of the held-out texts the text store vouches for (none looked up for a tier that
-        reads none); with too few of them nothing is scored and nothing spent."""
-        if h.kind == "paired":  # both answers of each held-out pair, as the store has them
-            assert self.paired is not None
-            trusted = await trusted_holdout(h, self.store, self.cfg)
-            paired = await self.paired.score(h, trusted.texts)
-            return dataclasses.replace(paired, notes=trusted.notes())
-        if not self.tier.reads_holdout:
+        reads none); with too few of them nothing is scored and nothing spent.  A paired hypothesis
+        is scored on both answers of each held-out pair, as the store has them."""
+        if h.kind != "paired" and not self.tier.reads_holdout:
             return await self.tier.score(h, [], [])
         trusted = await trusted_holdout(h, self.store, self.cfg)
+        if h.kind == "paired":
+            return dataclasses.replace(await self.paired.score(h, trusted.texts), notes=trusted.notes())
         pos, neg = split_refs(trusted.texts, h.direction, self.tier_cfg.max_texts)
         if min(len(pos), len(neg)) < MIN_PER_SIDE:
             return TierScores([], [], notes={**trusted.notes(), "too_few_trusted": 1.0,
