@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout: python bench/discovery.py
+
 from bench.experiments import ExperimentResult, arun, sim_config
 from services.core.events import EmbeddedText, Hypothesis
 from services.core.resources import Resources
